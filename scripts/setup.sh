@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates .venv (or $MASALIGN_VENV) and installs masalign with its test extras.
+# torch goes in first and pinned: on this machine kind `torch==2.13.0` resolves to a
+# local CPU wheel, while any looser spec would pull several GB of CUDA packages.
+# GPU users: MASALIGN_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${MASALIGN_VENV:-.venv}"
+torch_spec="${MASALIGN_TORCH:-torch==2.13.0}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+# shellcheck disable=SC2086  # the torch spec may carry pip options on purpose
+"$venv/bin/python" -m pip install -q --disable-pip-version-check $torch_spec
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"

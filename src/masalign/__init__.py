@@ -1,0 +1,1 @@
+"""masalign: Model Alignment Search (MAS) and Distributed Alignment Search (DAS)."""
