@@ -1,1 +1,37 @@
-"""masalign: Model Alignment Search (MAS) and Distributed Alignment Search (DAS)."""
+"""masalign: Model Alignment Search (MAS) and Distributed Alignment Search (DAS).
+
+Data flows one way: a task and its causal model give counterfactual pairs
+(:mod:`masalign.data`, :mod:`masalign.tasks`); adapters read and patch models
+(:mod:`masalign.adapters`); alignment functions and the interchange
+(:mod:`masalign.alignment`, :class:`ModelAlignment`) are trained by :func:`fit`
+and scored by :func:`evaluate`.
+"""
+
+from .adapters import ModelAdapter, TorchModuleAdapter
+from .alignment import AlignmentFunction, OrthogonalAlignment, interchange, make_alignment
+from .data import IGNORE_INDEX, CounterfactualPairs, LabelledSequences
+from .evaluate import IIAReport, all_directions, evaluate, iia_by_subspace_dim, interchange_scores, task_accuracy
+from .mas import ModelAlignment
+from .train import FitResult, fit
+
+__all__ = [
+    "IGNORE_INDEX",
+    "AlignmentFunction",
+    "CounterfactualPairs",
+    "FitResult",
+    "IIAReport",
+    "LabelledSequences",
+    "ModelAdapter",
+    "ModelAlignment",
+    "OrthogonalAlignment",
+    "TorchModuleAdapter",
+    "all_directions",
+    "evaluate",
+    "fit",
+    "iia_by_subspace_dim",
+    "interchange",
+    "interchange_scores",
+    "make_alignment",
+    "task_accuracy",
+]
+__version__ = "0.1.0"

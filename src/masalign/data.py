@@ -1,0 +1,204 @@
+"""Counterfactual datasets: the format MAS trains and evaluates on.
+
+A :class:`CounterfactualPairs` holds ``N`` interchange examples for one causal
+variable. Row ``i`` says: run the model on ``base_inputs[i]``, but at base
+position ``base_positions[i, j]`` put the variable's value read from
+``source_inputs[i]`` at ``source_positions[i, j]``; the model should then predict
+``labels[i]`` (next-token targets, ``IGNORE_INDEX`` where there is nothing to
+predict). Any task with a high-level causal model can be written this way.
+
+``base_inputs`` already contain the counterfactual continuation after the
+intervention (teacher forcing): the tokens a model would produce if it followed
+the causal model, so a model that feeds back its own predictions sees the same
+inputs whenever it is right.
+
+Models with different tokenisations see the same pairs in their own token
+positions: pass a mapping ``{model_name: CounterfactualPairs}`` whose rows
+correspond (row ``i`` is the same pair in every view). That mapping is the
+position correspondence between the models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+ModelInputs = Union[Tensor, Mapping[str, Tensor]]
+
+
+def _rows(inputs: ModelInputs) -> int:
+    if isinstance(inputs, Tensor):
+        return inputs.shape[0]
+    return next(iter(inputs.values())).shape[0]
+
+
+def index_inputs(inputs: ModelInputs, index: Tensor) -> ModelInputs:
+    """Rows ``index`` of a tensor or of every tensor in a mapping."""
+    if isinstance(inputs, Tensor):
+        return inputs[index]
+    return {key: value[index] for key, value in inputs.items()}
+
+
+def inputs_to(inputs: ModelInputs, device: torch.device | str) -> ModelInputs:
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    return {key: value.to(device) for key, value in inputs.items()}
+
+
+@dataclass
+class CounterfactualPairs:
+    """Interchange examples for one variable.
+
+    Attributes:
+        base_inputs: ``(N, T_base)`` token ids (or a mapping of such tensors).
+        source_inputs: ``(N, T_source)``.
+        base_positions: ``(N, n_slots)`` long: where to intervene in the base.
+        source_positions: ``(N, n_slots)`` long: where to read in the source.
+        labels: ``(N, T_base)`` long: counterfactual next-token labels at every
+            base position, ``IGNORE_INDEX`` (-100) where there is no label.
+        variable: name of the causal variable these pairs intervene on.
+    """
+
+    base_inputs: ModelInputs
+    source_inputs: ModelInputs
+    base_positions: Tensor
+    source_positions: Tensor
+    labels: Tensor
+    variable: str = "count"
+
+    def __post_init__(self) -> None:
+        n = _rows(self.base_inputs)
+        if n == 0:
+            raise ValueError("the counterfactual dataset is empty: it needs at least one pair")
+        for name in ("source_inputs", "base_positions", "source_positions", "labels"):
+            value = getattr(self, name)
+            rows = _rows(value)
+            if rows != n:
+                raise ValueError(f"{name} has {rows} rows but base_inputs has {n}; every field needs one row per pair")
+        for name in ("base_positions", "source_positions"):
+            value = getattr(self, name)
+            if value.dim() != 2:
+                raise ValueError(f"{name} must be (N, n_slots); got shape {tuple(value.shape)}")
+            if value.dtype.is_floating_point:
+                raise TypeError(f"{name} must hold integer positions, got {value.dtype}")
+        if self.base_positions.shape[1] != self.source_positions.shape[1]:
+            raise ValueError(
+                f"base_positions has {self.base_positions.shape[1]} slots per pair but source_positions has "
+                f"{self.source_positions.shape[1]}; slot j of the source goes to slot j of the base"
+            )
+        if self.labels.dtype.is_floating_point:
+            raise TypeError(f"labels must be integer token ids, got {self.labels.dtype}")
+        if bool((self.labels < IGNORE_INDEX).any()) or bool(((self.labels < 0) & (self.labels != IGNORE_INDEX)).any()):
+            raise ValueError(f"labels must be token ids >= 0 or {IGNORE_INDEX} (no label)")
+        has_label = (self.labels != IGNORE_INDEX).any(dim=1)
+        if not bool(has_label.all()):
+            raise ValueError(f"pair {int((~has_label).nonzero()[0])} has no label position; every pair needs at least one label")
+
+    def __len__(self) -> int:
+        return _rows(self.base_inputs)
+
+    def subset(self, index: Tensor | slice) -> CounterfactualPairs:
+        """The pairs at ``index`` (a long tensor or a slice)."""
+        if isinstance(index, slice):
+            index = torch.arange(len(self))[index]
+        return CounterfactualPairs(
+            index_inputs(self.base_inputs, index),
+            index_inputs(self.source_inputs, index),
+            self.base_positions[index],
+            self.source_positions[index],
+            self.labels[index],
+            self.variable,
+        )
+
+    def to(self, device: torch.device | str) -> CounterfactualPairs:
+        return CounterfactualPairs(
+            inputs_to(self.base_inputs, device),
+            inputs_to(self.source_inputs, device),
+            self.base_positions.to(device),
+            self.source_positions.to(device),
+            self.labels.to(device),
+            self.variable,
+        )
+
+    def check_vocabulary(self, vocab_size: int, model_name: str = "the model") -> None:
+        """Raise if a label is not a valid index into ``vocab_size`` logits."""
+        top = int(self.labels.max())
+        if top >= vocab_size:
+            raise ValueError(
+                f"labels of variable {self.variable!r} go up to token {top}, but {model_name} has only "
+                f"{vocab_size} logits (token ids 0..{vocab_size - 1})"
+            )
+
+
+CounterfactualData = Union[CounterfactualPairs, Mapping[str, CounterfactualPairs]]
+
+
+def view_for(data: CounterfactualData, model: str) -> CounterfactualPairs:
+    """The pairs as ``model`` sees them (shared pairs, or that model's own view)."""
+    if isinstance(data, CounterfactualPairs):
+        return data
+    if model not in data:
+        raise KeyError(f"the counterfactual data has views for {sorted(data)}, not for model {model!r}")
+    return data[model]
+
+
+def check_views(data: CounterfactualData) -> int:
+    """Number of pairs; raises if the per-model views disagree on it or on the variable."""
+    if isinstance(data, CounterfactualPairs):
+        return len(data)
+    sizes = {name: len(view) for name, view in data.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"the per-model views must hold the same pairs in the same order; their sizes differ: {sizes}")
+    variables = {view.variable for view in data.values()}
+    if len(variables) != 1:
+        raise ValueError(f"the per-model views name different variables: {sorted(variables)}")
+    return next(iter(sizes.values()))
+
+
+def variable_of(data: CounterfactualData) -> str:
+    return data.variable if isinstance(data, CounterfactualPairs) else next(iter(data.values())).variable
+
+
+def subset(data: CounterfactualData, index: Tensor) -> CounterfactualData:
+    if isinstance(data, CounterfactualPairs):
+        return data.subset(index)
+    return {name: view.subset(index) for name, view in data.items()}
+
+
+@dataclass
+class LabelledSequences:
+    """Plain task data: ``inputs`` ``(N, T)`` and next-token ``labels`` ``(N, T)``
+    (``IGNORE_INDEX`` where nothing is predicted). Used for training reference
+    models and for the ceiling (a model's own task accuracy)."""
+
+    inputs: ModelInputs
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if _rows(self.inputs) == 0:
+            raise ValueError("the dataset is empty")
+        if _rows(self.labels) != _rows(self.inputs):
+            raise ValueError(f"labels has {_rows(self.labels)} rows but inputs has {_rows(self.inputs)}")
+
+    def __len__(self) -> int:
+        return _rows(self.inputs)
+
+    def subset(self, index: Tensor) -> LabelledSequences:
+        return LabelledSequences(index_inputs(self.inputs, index), self.labels[index])
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "CounterfactualPairs",
+    "CounterfactualData",
+    "LabelledSequences",
+    "view_for",
+    "subset",
+    "check_views",
+    "variable_of",
+]

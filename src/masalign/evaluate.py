@@ -1,0 +1,304 @@
+"""Interchange intervention accuracy (IIA) and the report around it (METHOD.md section 6).
+
+For every (source, target) direction: trial accuracy (every label position of a
+pair right after the intervention) and token accuracy. Beside them, always: each
+target's own task accuracy without intervention (the ceiling) and the IIA of the
+untrained alignment (the floor).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import ModelAdapter
+from .data import (
+    IGNORE_INDEX,
+    CounterfactualData,
+    LabelledSequences,
+    check_views,
+    index_inputs,
+    inputs_to,
+    variable_of,
+    view_for,
+)
+from .mas import ModelAlignment
+
+Direction = tuple[str, str]
+
+
+def direction_name(direction: Direction) -> str:
+    return f"{direction[0]}->{direction[1]}"
+
+
+def all_directions(models: Sequence[str]) -> list[Direction]:
+    """Every (source, target) pair, including source = target (METHOD.md section 4)."""
+    return [(s, t) for s in models for t in models]
+
+
+def check_directions(alignment: ModelAlignment, directions: Sequence[Direction] | None) -> list[Direction]:
+    if directions is None:
+        return all_directions(alignment.model_names)
+    checked = []
+    for direction in directions:
+        if len(direction) != 2 or any(m not in alignment.models for m in direction):
+            raise ValueError(f"direction {direction!r} must be a (source, target) pair of model names from {alignment.model_names}")
+        checked.append((direction[0], direction[1]))
+    if not checked:
+        raise ValueError("directions is empty; give at least one (source, target) pair")
+    return checked
+
+
+def correct_counts(logits: Tensor, labels: Tensor) -> tuple[int, int, int]:
+    """(correct trials, correct label tokens, label tokens) for ``(batch, seq, vocab)`` logits."""
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)} in (batch, seq)")
+    mask = labels != IGNORE_INDEX
+    hits = logits.argmax(-1) == labels
+    trials = int((hits | ~mask).all(dim=1).sum())
+    return trials, int((hits & mask).sum()), int(mask.sum())
+
+
+def intervention_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"the target's logits have shape {tuple(logits.shape)} but the labels {tuple(labels.shape)}: labels need "
+            "one entry per base input position"
+        )
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+@dataclass
+class DirectionScores:
+    trial_accuracy: float
+    token_accuracy: float
+    loss: float
+
+
+@torch.no_grad()
+def interchange_scores(
+    alignment: ModelAlignment,
+    data: CounterfactualData,
+    directions: Sequence[Direction] | None = None,
+    source_cache: Mapping[str, Tensor] | None = None,
+    batch_size: int = 256,
+) -> dict[Direction, DirectionScores]:
+    """IIA (trial and token accuracy) and loss of each direction on ``data``.
+
+    ``source_cache`` (model -> source activations for ``data``) skips recomputing them.
+    """
+    directions = check_directions(alignment, directions)
+    n = check_views(data)
+    variable = variable_of(data)
+    cache = dict(source_cache or {})
+    for source in {s for s, _ in directions} - set(cache):
+        view = view_for(data, source)
+        cache[source] = alignment.source_activations(source, view.source_inputs, view.source_positions)
+    scores = {}
+    device = alignment.device
+    for source, target in directions:
+        view = view_for(data, target)
+        trials = tokens = label_tokens = 0
+        loss_sum = 0.0
+        for start in range(0, n, batch_size):
+            index = torch.arange(start, min(start + batch_size, n))
+            labels = view.labels[index].to(device)
+            logits = alignment.intervened_logits(
+                source,
+                target,
+                cache[source][index].to(device),
+                inputs_to(index_inputs(view.base_inputs, index), device),
+                view.base_positions[index].to(device),
+                variable,
+            )
+            t, k, m = correct_counts(logits, labels)
+            trials, tokens, label_tokens = trials + t, tokens + k, label_tokens + m
+            loss_sum += float(intervention_loss(logits, labels)) * len(index)
+        scores[(source, target)] = DirectionScores(trials / n, tokens / max(label_tokens, 1), loss_sum / n)
+    return scores
+
+
+@torch.no_grad()
+def task_accuracy(adapter: ModelAdapter, data: LabelledSequences, batch_size: int = 256) -> tuple[float, float]:
+    """(trial, token) accuracy of a model on its own task, without intervention: the ceiling."""
+    trials = tokens = label_tokens = 0
+    n = len(data)
+    for start in range(0, n, batch_size):
+        index = torch.arange(start, min(start + batch_size, n))
+        logits = adapter.logits(inputs_to(index_inputs(data.inputs, index), adapter.device))
+        t, k, m = correct_counts(logits, data.labels[index].to(logits.device))
+        trials, tokens, label_tokens = trials + t, tokens + k, label_tokens + m
+    return trials / n, tokens / max(label_tokens, 1)
+
+
+def untrained_copy(alignment: ModelAlignment) -> ModelAlignment:
+    """The alignment as initialised (same seed and settings, same standardisation), untrained."""
+    fresh = ModelAlignment(
+        alignment.models,
+        alignment.sites,
+        alignment.subspace_dims,
+        alignment=alignment.alignment_kind,
+        alignment_options=alignment.alignment_options,
+        keep_complement=alignment.keep_complement,
+        seed=alignment.seed,
+    )
+    for name, trained in alignment.alignments.items():
+        fresh.alignments[name].set_standardization(trained.mean, trained.std)
+    return fresh
+
+
+Matrix = dict[str, dict[str, float]]
+
+
+@dataclass
+class IIAReport:
+    """IIA for every direction, with ceiling and floor. ``iia[source][target]``."""
+
+    models: list[str]
+    sites: dict[str, str]
+    subspace_dims: dict[str, int]
+    variable: str
+    n_pairs: int
+    iia: Matrix
+    iia_token: Matrix
+    floor: Matrix | None = None
+    floor_token: Matrix | None = None
+    ceiling: dict[str, float] | None = None
+    ceiling_token: dict[str, float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    def table(self) -> str:
+        """A text table: IIA (floor) per direction, and each target's ceiling."""
+        width = max(8, *(len(m) for m in self.models)) + 2
+        lines = [f"IIA on {self.variable!r} (trial accuracy; floor in brackets), {self.n_pairs} pairs, k = {self.subspace_dims}"]
+        lines.append("source \\ target".ljust(width + 8) + "".join(m.rjust(16) for m in self.models))
+        for source in self.models:
+            cells = []
+            for target in self.models:
+                value = self.iia.get(source, {}).get(target)
+                if value is None:
+                    cells.append("-".rjust(16))
+                    continue
+                floor = self.floor.get(source, {}).get(target) if self.floor else None
+                cells.append((f"{value:.3f}" + (f" ({floor:.3f})" if floor is not None else "")).rjust(16))
+            lines.append(source.ljust(width + 8) + "".join(cells))
+        if self.ceiling:
+            lines.append("ceiling (task accuracy)".ljust(width + 8) + "".join(f"{self.ceiling.get(m, float('nan')):.3f}".rjust(16) for m in self.models))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def plot(self, path: str | Path | None = None, ax: Any = None) -> Any:
+        """Heatmap of ``iia[source][target]`` annotated with the floor; saves to ``path`` if given."""
+        import matplotlib
+
+        if path is not None and ax is None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        matrix = [[self.iia.get(s, {}).get(t, float("nan")) for t in self.models] for s in self.models]
+        figure = None
+        if ax is None:
+            figure, ax = plt.subplots(figsize=(1.6 * len(self.models) + 2.5, 1.4 * len(self.models) + 1.5))
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+        for i, s in enumerate(self.models):
+            for j, t in enumerate(self.models):
+                text = f"{matrix[i][j]:.2f}"
+                if self.floor and t in self.floor.get(s, {}):
+                    text += f"\nfloor {self.floor[s][t]:.2f}"
+                ax.text(j, i, text, ha="center", va="center", color="white" if matrix[i][j] < 0.6 else "black", fontsize=9)
+        labels_t = [f"{t}\n(ceiling {self.ceiling[t]:.2f})" if self.ceiling and t in self.ceiling else t for t in self.models]
+        ax.set_xticks(range(len(self.models)), labels_t)
+        ax.set_yticks(range(len(self.models)), self.models)
+        ax.set_xlabel("target")
+        ax.set_ylabel("source")
+        ax.set_title(f"IIA on {self.variable!r}, k = {sum(self.subspace_dims.values())}")
+        ax.figure.colorbar(image, ax=ax, fraction=0.046)
+        if path is not None:
+            ax.figure.tight_layout()
+            ax.figure.savefig(path, dpi=120)
+            if figure is not None:
+                plt.close(figure)
+        return ax
+
+
+def _matrix(scores: Mapping[Direction, DirectionScores], models: Sequence[str], attr: str) -> Matrix:
+    matrix: Matrix = {s: {} for s in models}
+    for (s, t), value in scores.items():
+        matrix[s][t] = getattr(value, attr)
+    return matrix
+
+
+def evaluate(
+    alignment: ModelAlignment,
+    test: CounterfactualData,
+    ceiling_data: LabelledSequences | Mapping[str, LabelledSequences] | None = None,
+    floor: bool = True,
+    directions: Sequence[Direction] | None = None,
+    batch_size: int = 256,
+) -> IIAReport:
+    """IIA of every direction on held-out ``test`` pairs, with floor and ceiling.
+
+    ``ceiling_data``: task data (shared, or one per model) for each target's own
+    task accuracy; omit it to leave the ceiling out.
+    """
+    directions = check_directions(alignment, directions)
+    scores = interchange_scores(alignment, test, directions, batch_size=batch_size)
+    models = alignment.model_names
+    report = IIAReport(
+        models=models,
+        sites=dict(alignment.sites),
+        subspace_dims=dict(alignment.subspace_dims),
+        variable=variable_of(test),
+        n_pairs=check_views(test),
+        iia=_matrix(scores, models, "trial_accuracy"),
+        iia_token=_matrix(scores, models, "token_accuracy"),
+    )
+    if floor:
+        floor_scores = interchange_scores(untrained_copy(alignment), test, directions, batch_size=batch_size)
+        report.floor = _matrix(floor_scores, models, "trial_accuracy")
+        report.floor_token = _matrix(floor_scores, models, "token_accuracy")
+    if ceiling_data is not None:
+        report.ceiling, report.ceiling_token = {}, {}
+        for name in models:
+            data = ceiling_data if isinstance(ceiling_data, LabelledSequences) else ceiling_data[name]
+            report.ceiling[name], report.ceiling_token[name] = task_accuracy(alignment.models[name], data, batch_size)
+    return report
+
+
+def iia_by_subspace_dim(
+    build: Callable[[int], ModelAlignment],
+    subspace_dims: Sequence[int],
+    train: CounterfactualData,
+    valid: CounterfactualData,
+    test: CounterfactualData,
+    fit_options: Mapping[str, Any] | None = None,
+    ceiling_data: LabelledSequences | Mapping[str, LabelledSequences] | None = None,
+) -> dict[int, IIAReport]:
+    """Fit and evaluate one alignment per subspace size: the IIA-against-``k`` curve.
+
+    ``build(k)`` returns a fresh :class:`ModelAlignment` with subspace size ``k``.
+    """
+    from .train import fit
+
+    reports = {}
+    for k in subspace_dims:
+        alignment = build(k)
+        result = fit(alignment, train, valid, **dict(fit_options or {}))
+        report = evaluate(alignment, test, ceiling_data=ceiling_data)
+        report.extra["fit"] = result.summary()
+        reports[k] = report
+    return reports

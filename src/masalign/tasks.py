@@ -1,0 +1,181 @@
+"""The numeric equivalence tasks and their causal model (METHOD.md section 7).
+
+A sequence is ``B, n demo tokens, T, n response tokens R, E`` with ``n`` in
+``1..max_count``. Models must emit exactly ``n`` R tokens after ``T`` and then ``E``.
+
+- Multi-Object: demo tokens drawn from ``D0, D1, D2``; response ``R``.
+- Single-Object: one demo token ``D0``; response ``R``.
+- Same-Object: ``R`` is both demo and response token.
+
+The causal model "count up, count down": ``count += 1`` per demo token, ``count -= 1``
+per response token; the next token is ``R`` while ``count > 0``, then ``E``. The
+state at a position is the state after reading that position's token.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .data import IGNORE_INDEX, CounterfactualPairs, LabelledSequences
+
+PAD, BOS, TRIGGER, EOS, RESPONSE, D0, D1, D2 = range(8)
+VOCAB = ("PAD", "B", "T", "E", "R", "D0", "D1", "D2")
+VOCAB_SIZE = len(VOCAB)
+HELD_OUT_COUNTS = (4, 9, 14, 17)
+
+
+@dataclass(frozen=True)
+class CausalState:
+    """The high-level state after a token: ``count`` and ``phase`` ("demo" or "response")."""
+
+    count: int
+    phase: str
+
+
+@dataclass(frozen=True)
+class NumericTask:
+    """One of the numeric equivalence tasks; see the module docstring."""
+
+    name: str
+    demo_tokens: tuple[int, ...]
+    response_token: int = RESPONSE
+    max_count: int = 20
+    held_out_counts: tuple[int, ...] = HELD_OUT_COUNTS
+
+    # -- sequences ---------------------------------------------------------------------
+
+    def counts(self, split: str | Sequence[int]) -> list[int]:
+        """The counts of a split: "train" (held-out counts removed), "held_out" or "all"."""
+        every = list(range(1, self.max_count + 1))
+        if not isinstance(split, str):
+            counts = list(split)
+            bad = [n for n in counts if not 1 <= n <= self.max_count]
+            if bad or not counts:
+                raise ValueError(f"counts must be a non-empty list within 1..{self.max_count}; got {counts}")
+            return counts
+        if split == "train":
+            return [n for n in every if n not in self.held_out_counts]
+        if split == "held_out":
+            return list(self.held_out_counts)
+        if split == "all":
+            return every
+        raise ValueError(f"unknown split {split!r}; use 'train', 'held_out', 'all' or a list of counts")
+
+    def sequence(self, n: int, rng: random.Random) -> list[int]:
+        demo = [rng.choice(self.demo_tokens) for _ in range(n)]
+        return [BOS, *demo, TRIGGER, *([self.response_token] * n), EOS]
+
+    def states(self, tokens: Sequence[int]) -> list[CausalState | None]:
+        """The causal model's state after each token (``None`` for B, T, E and padding)."""
+        states: list[CausalState | None] = []
+        count, phase = 0, "demo"
+        for token in tokens:
+            if token == TRIGGER:
+                phase = "response"
+                states.append(None)
+            elif phase == "demo" and token in self.demo_tokens:
+                count += 1
+                states.append(CausalState(count, phase))
+            elif phase == "response" and token == self.response_token:
+                count -= 1
+                states.append(CausalState(count, phase))
+            else:
+                states.append(None)
+        return states
+
+    def sample(self, n_sequences: int, seed: int = 0, split: str | Sequence[int] = "train") -> LabelledSequences:
+        """``n_sequences`` task sequences, padded, with next-token labels on the response phase and E."""
+        rng = random.Random(seed)
+        counts = self.counts(split)
+        sequences = [self.sequence(rng.choice(counts), rng) for _ in range(n_sequences)]
+        labels = [self._natural_labels(seq) for seq in sequences]
+        return LabelledSequences(_pad(sequences, PAD), _pad(labels, IGNORE_INDEX))
+
+    def _natural_labels(self, tokens: list[int]) -> list[int]:
+        trigger = tokens.index(TRIGGER)
+        return [tokens[i + 1] if i >= trigger and i + 1 < len(tokens) else IGNORE_INDEX for i in range(len(tokens))]
+
+    # -- interchange on `count` -----------------------------------------------------------
+
+    def continuation(self, tokens: Sequence[int], position: int, count: int) -> list[int]:
+        """Run the causal model on from ``position`` with ``count`` set there: the whole
+        counterfactual sequence (the base up to ``position``, then what follows)."""
+        state = self.states(tokens)[position]
+        if state is None:
+            raise ValueError(f"position {position} holds no count (token {VOCAB[tokens[position]]})")
+        prefix = list(tokens[: position + 1])
+        if state.phase == "demo":
+            trigger = list(tokens).index(TRIGGER)
+            remaining_demo = list(tokens[position + 1 : trigger])
+            count += len(remaining_demo)
+            return prefix + remaining_demo + [TRIGGER] + [self.response_token] * count + [EOS]
+        return prefix + [self.response_token] * count + [EOS]
+
+    def counterfactual_pairs(
+        self, n_pairs: int, seed: int = 0, split: str | Sequence[int] = "all", variable: str = "count"
+    ) -> CounterfactualPairs:
+        """Interchange pairs for ``count``.
+
+        For each pair, a base and a source sequence are drawn, and a position in each
+        (not padding, B, T or E). The source's count at its position is written into
+        the base at its position, and the causal model runs on to E. Pairs whose
+        counterfactual count at T would leave ``1..max_count`` (the range the models
+        were trained on) are redrawn.
+        """
+        if n_pairs <= 0:
+            raise ValueError(f"n_pairs must be positive, got {n_pairs}")
+        if variable != "count":
+            raise ValueError(f"the numeric tasks define the variable 'count', not {variable!r}")
+        rng = random.Random(seed)
+        counts = self.counts(split)
+        bases, sources, base_pos, source_pos, labels = [], [], [], [], []
+        while len(bases) < n_pairs:
+            base = self.sequence(rng.choice(counts), rng)
+            source = self.sequence(rng.choice(counts), rng)
+            base_states, source_states = self.states(base), self.states(source)
+            p = rng.choice([i for i, s in enumerate(base_states) if s is not None])
+            q = rng.choice([i for i, s in enumerate(source_states) if s is not None])
+            new_count = source_states[q].count  # type: ignore[union-attr]
+            counterfactual = self.continuation(base, p, new_count)
+            response_length = len(counterfactual) - counterfactual.index(TRIGGER) - 2
+            if base_states[p].phase == "demo" and not 1 <= response_length <= self.max_count:  # type: ignore[union-attr]
+                continue
+            trigger = counterfactual.index(TRIGGER)
+            first_label = max(p, trigger)
+            labels.append(
+                [counterfactual[i + 1] if first_label <= i < len(counterfactual) - 1 else IGNORE_INDEX for i in range(len(counterfactual))]
+            )
+            bases.append(counterfactual)
+            sources.append(source)
+            base_pos.append([p])
+            source_pos.append([q])
+        return CounterfactualPairs(
+            base_inputs=_pad(bases, PAD),
+            source_inputs=_pad(sources, PAD),
+            base_positions=torch.tensor(base_pos),
+            source_positions=torch.tensor(source_pos),
+            labels=_pad(labels, IGNORE_INDEX),
+            variable=variable,
+        )
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+TASKS = {
+    "multi_object": NumericTask("multi_object", (D0, D1, D2)),
+    "single_object": NumericTask("single_object", (D0,)),
+    "same_object": NumericTask("same_object", (RESPONSE,)),
+}
+
+
+def get_task(name: str) -> NumericTask:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+    return TASKS[name]

@@ -1,0 +1,249 @@
+"""Training the alignment functions (METHOD.md section 4).
+
+The models stay frozen; only the alignment parameters learn. Each step, for each
+variable and each (source, target) direction, the target runs on a batch of base
+inputs with the interchange at the base positions, and the cross-entropy against
+the counterfactual labels is added up; one Adam step follows. Source activations
+are computed once, without gradient, and reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import CounterfactualData, check_views, index_inputs, inputs_to, variable_of, view_for
+from .evaluate import Direction, check_directions, direction_name, interchange_scores, intervention_loss
+from .mas import ModelAlignment
+
+
+@dataclass
+class FitResult:
+    """What happened in :func:`fit`. The alignment holds the best state at the end."""
+
+    steps: int
+    best_step: int
+    stop_reason: str  # "target_accuracy", "patience", "max_steps" or "interrupted"
+    best_valid_loss: float
+    best_valid_accuracy: dict[str, float]
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        summary = asdict(self)
+        summary.pop("history")
+        return summary
+
+
+@contextlib.contextmanager
+def frozen_models(alignment: ModelAlignment) -> Iterator[None]:
+    """Models in eval mode with gradients off for their parameters; restored afterwards."""
+    saved = []
+    for adapter in alignment.models.values():
+        model = adapter.model
+        saved.append((model, model.training, [(p, p.requires_grad) for p in model.parameters()]))
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for model, training, flags in saved:
+            model.train(training)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+def _as_list(data: CounterfactualData | Sequence[CounterfactualData]) -> list[CounterfactualData]:
+    if isinstance(data, (list, tuple)):
+        return list(data)
+    return [data]  # type: ignore[list-item]
+
+
+def _by_variable(alignment: ModelAlignment, data: CounterfactualData | Sequence[CounterfactualData], what: str) -> dict[str, CounterfactualData]:
+    by_variable: dict[str, CounterfactualData] = {}
+    for item in _as_list(data):
+        check_views(item)
+        variable = variable_of(item)
+        if variable not in alignment.blocks:
+            raise ValueError(f"{what} pairs are for variable {variable!r}, but the alignment has variables {list(alignment.blocks)}")
+        if variable in by_variable:
+            raise ValueError(f"{what} has two datasets for variable {variable!r}")
+        by_variable[variable] = item
+    return by_variable
+
+
+def _check_vocabulary(alignment: ModelAlignment, data: dict[str, CounterfactualData], directions: list[Direction]) -> None:
+    """Run each target once on one base input to learn its vocabulary size."""
+    for target in {t for _, t in directions}:
+        for item in data.values():
+            view = view_for(item, target)
+            with torch.no_grad():
+                logits = alignment.models[target].logits(inputs_to(index_inputs(view.base_inputs, torch.arange(1)), alignment.device))
+            view.check_vocabulary(logits.shape[-1], f"model {target!r}")
+            if logits.shape[1] != view.labels.shape[1]:
+                raise ValueError(
+                    f"model {target!r} gives logits for {logits.shape[1]} positions but the labels of variable "
+                    f"{view.variable!r} have {view.labels.shape[1]}: labels need one entry per base input position"
+                )
+
+
+def fit(
+    alignment: ModelAlignment,
+    train: CounterfactualData | Sequence[CounterfactualData],
+    valid: CounterfactualData | Sequence[CounterfactualData],
+    directions: Sequence[Direction] | None = None,
+    steps: int = 2000,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    eval_every: int = 50,
+    patience: int = 10,
+    min_delta: float = 1e-3,
+    target_accuracy: float = 0.995,
+    standardize: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``alignment`` on counterfactual pairs; returns a :class:`FitResult`.
+
+    Args:
+        train, valid: pairs for one variable, or a list (one dataset per variable).
+        directions: (source, target) pairs; default all ``n^2`` including (s, s).
+        eval_every: validate every this many steps.
+        patience, min_delta: stop when validation loss has not improved by
+            ``min_delta`` for ``patience`` validations.
+        target_accuracy: stop when every direction reaches this validation trial
+            accuracy on every variable.
+        standardize: first set each model's mean/std from its source activations.
+        seed: batch order (the alignment's own seed sets its initialisation).
+
+    The best state (highest mean validation trial accuracy, ties broken by lower
+    loss) is restored at the end, also after Ctrl-C, which stops the fit cleanly.
+    """
+    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+        raise RuntimeError("fit needs gradients: call it outside torch.no_grad() / torch.inference_mode()")
+    if steps < 1 or batch_size < 1 or eval_every < 1:
+        raise ValueError(f"steps, batch_size and eval_every must be positive; got {steps}, {batch_size}, {eval_every}")
+    directions = check_directions(alignment, directions)
+    train_data = _by_variable(alignment, train, "train")
+    valid_data = _by_variable(alignment, valid, "valid")
+    if set(train_data) != set(valid_data):
+        raise ValueError(f"train has variables {sorted(train_data)} but valid has {sorted(valid_data)}")
+    if standardize:
+        alignment.fit_standardization(next(iter(train_data.values())))
+    device = alignment.device
+    generator = torch.Generator().manual_seed(seed)
+    start_time = time.perf_counter()
+
+    with frozen_models(alignment):
+        _check_vocabulary(alignment, train_data, directions)
+        sources = sorted({s for s, _ in directions})
+        train_cache = {
+            v: {s: alignment.source_activations(s, view_for(d, s).source_inputs, view_for(d, s).source_positions) for s in sources}
+            for v, d in train_data.items()
+        }
+        valid_cache = {
+            v: {s: alignment.source_activations(s, view_for(d, s).source_inputs, view_for(d, s).source_positions) for s in sources}
+            for v, d in valid_data.items()
+        }
+        sizes = {v: check_views(d) for v, d in train_data.items()}
+        orders = {v: torch.randperm(n, generator=generator) for v, n in sizes.items()}
+        cursors = {v: 0 for v in sizes}
+
+        optimizer = torch.optim.Adam([p for p in alignment.parameters() if p.requires_grad], lr=lr)
+        best_state = copy.deepcopy(alignment.state_dict())
+        best_key = (-math.inf, -math.inf)
+        best = {"step": 0, "loss": math.inf, "accuracy": {}}
+        loss_to_beat, stale = math.inf, 0
+        history: list[dict[str, Any]] = []
+        stop_reason, step = "max_steps", 0
+        bar = tqdm(total=steps, disable=not progress, desc="MAS fit", leave=False)
+
+        def validate(at_step: int) -> bool:
+            """Record validation scores; True when training should stop."""
+            nonlocal best_state, best_key, loss_to_beat, stale, stop_reason
+            accuracies: dict[str, float] = {}
+            losses = []
+            for variable, item in valid_data.items():
+                scores = interchange_scores(alignment, item, directions, source_cache=valid_cache[variable])
+                for direction, score in scores.items():
+                    key = direction_name(direction) + ("" if len(valid_data) == 1 else f" {variable}")
+                    accuracies[key] = score.trial_accuracy
+                    losses.append(score.loss)
+            loss = sum(losses)
+            mean_accuracy = sum(accuracies.values()) / len(accuracies)
+            history.append({"step": at_step, "valid_loss": loss, "valid_accuracy": accuracies})
+            bar.set_postfix(valid_loss=f"{loss:.3f}", valid_iia=f"{mean_accuracy:.3f}")
+            if (mean_accuracy, -loss) > best_key:
+                best_key = (mean_accuracy, -loss)
+                best_state = copy.deepcopy(alignment.state_dict())
+                best.update(step=at_step, loss=loss, accuracy=accuracies)
+            if loss < loss_to_beat - min_delta:
+                loss_to_beat, stale = loss, 0
+            else:
+                stale += 1
+            if min(accuracies.values()) >= target_accuracy:
+                stop_reason = "target_accuracy"
+                return True
+            if stale >= patience:
+                stop_reason = "patience"
+                return True
+            return False
+
+        try:
+            validate(0)
+            if stop_reason != "target_accuracy":
+                for step in range(1, steps + 1):
+                    optimizer.zero_grad(set_to_none=True)
+                    step_loss = 0.0
+                    for variable, item in train_data.items():
+                        n = sizes[variable]
+                        if cursors[variable] + batch_size > n:
+                            orders[variable] = torch.randperm(n, generator=generator)
+                            cursors[variable] = 0
+                        index = orders[variable][cursors[variable] : cursors[variable] + batch_size]
+                        cursors[variable] += batch_size
+                        for source, target in directions:
+                            view = view_for(item, target)
+                            logits = alignment.intervened_logits(
+                                source,
+                                target,
+                                train_cache[variable][source][index].to(device),
+                                inputs_to(index_inputs(view.base_inputs, index), device),
+                                view.base_positions[index].to(device),
+                                variable,
+                            )
+                            loss = intervention_loss(logits, view.labels[index].to(device))
+                            # One backward per direction frees its graph at once; the
+                            # gradients add up exactly as for the summed loss.
+                            loss.backward()
+                            step_loss += loss.item()
+                    optimizer.step()
+                    bar.update(1)
+                    bar.set_description(f"MAS fit (loss {step_loss:.3f})")
+                    if step % eval_every == 0 or step == steps:
+                        if validate(step):
+                            break
+        except KeyboardInterrupt:
+            stop_reason = "interrupted"
+        finally:
+            bar.close()
+            alignment.load_state_dict(best_state)
+
+    return FitResult(
+        steps=step,
+        best_step=best["step"],
+        stop_reason=stop_reason,
+        best_valid_loss=best["loss"],
+        best_valid_accuracy=best["accuracy"],
+        seconds=time.perf_counter() - start_time,
+        history=history,
+    )
