@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from masalign.models import RecurrentConfig, train_recurrent_lm
+from masalign.models import RecurrentConfig, train_lm
 from masalign.tasks import D0, D1, D2, NumericTask
 
 # A shorter version of Multi-Object (counts 1..8) so that CI trains models in seconds.
@@ -23,7 +23,7 @@ def trained_grus() -> dict[str, torch.nn.Module]:
     torch.set_num_threads(2)
     models = {}
     for name, seed in (("A", 0), ("B", 1)):
-        model, summary = train_recurrent_lm(
+        model, summary = train_lm(
             SMALL_TASK, RecurrentConfig("gru", hidden_size=48, embedding_size=32), seed=seed, steps=1500, lr=5e-3, check_every=50
         )
         assert summary.held_out_trial_accuracy >= 0.98, summary

@@ -1,7 +1,8 @@
 """Command line: ``masalign demo`` (the main job) and ``masalign --help``.
 
-The demo trains (or reuses cached copies of) two GRUs with different seeds on
-Multi-Object, runs MAS on ``count`` at the hidden state in all four directions,
+The demo trains (or reuses cached copies of) two models with different seeds on
+Multi-Object (two GRUs by default, or a GRU and a transformer with
+``--pair gru-transformer``), runs MAS on ``count`` at the hidden state in all four directions,
 prints the IIA matrix with ceiling and floor, and writes ``report.json`` and
 ``iia.png`` into ``--out``.
 """
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .adapters import TorchModuleAdapter
+from .adapters import ModelAdapter, TorchModuleAdapter
 from .evaluate import evaluate
 from .mas import ModelAlignment
-from .models import RecurrentConfig, load_recurrent_lm, save_recurrent_lm, train_recurrent_lm
+from .models import RecurrentConfig, TransformerConfig, load_model, save_model, train_lm
 from .tasks import get_task
 from .train import fit
 
@@ -29,18 +30,33 @@ def default_cache() -> Path:
     return Path(os.environ.get("MASALIGN_CACHE", Path.home() / ".cache" / "masalign"))
 
 
-def reference_gru(task_name: str, seed: int, cache: Path, log) -> tuple[torch.nn.Module, dict]:
-    """A GRU trained on ``task_name`` with ``seed``, from the cache when it is there."""
-    config = RecurrentConfig("gru", hidden_size=128, embedding_size=128)
-    folder = cache / f"{task_name}-gru{config.hidden_size}-seed{seed}"
+PAIRS = {
+    # name: ((architecture, seed), (architecture, seed))
+    "gru-gru": (("gru", 0), ("gru", 1)),
+    "gru-transformer": (("gru", 0), ("transformer", 1)),
+}
+SITES = {"gru": "rnn.h_l0", "transformer": "blocks.0.hook_resid_post"}
+
+
+def reference_model(architecture: str, task_name: str, seed: int, cache: Path, log) -> tuple[ModelAdapter, dict]:
+    """A reference model trained on ``task_name`` with ``seed``, from the cache when it is there."""
+    config = RecurrentConfig("gru", hidden_size=128, embedding_size=128) if architecture == "gru" else TransformerConfig()
+    folder = cache / f"{task_name}-{architecture}128-seed{seed}"
     if (folder / "model.safetensors").exists():
         log(f"  reusing {folder}")
-        return load_recurrent_lm(folder), {"cached": True, "folder": str(folder)}
-    log(f"  training GRU seed {seed} on {task_name} ...")
-    model, summary = train_recurrent_lm(get_task(task_name), config, seed=seed)
-    save_recurrent_lm(model, folder)
-    log(f"  done in {summary.seconds:.0f}s ({summary.steps} steps, held-out accuracy {summary.held_out_trial_accuracy:.3f}); saved to {folder}")
-    return model, {"cached": False, "folder": str(folder), "training_seconds": summary.seconds, "training_steps": summary.steps}
+        model, info = load_model(folder), {"cached": True, "folder": str(folder)}
+    else:
+        log(f"  training {architecture} seed {seed} on {task_name} ...")
+        model, summary = train_lm(get_task(task_name), config, seed=seed)
+        save_model(model, folder)
+        log(f"  done in {summary.seconds:.0f}s ({summary.steps} steps, held-out accuracy {summary.held_out_trial_accuracy:.3f}); saved to {folder}")
+        info = {"cached": False, "folder": str(folder), "training_seconds": summary.seconds, "training_steps": summary.steps}
+    name = f"{architecture}_seed{seed}"
+    if architecture == "gru":
+        return TorchModuleAdapter(model, name=name), info
+    from .adapters.transformer_lens import TransformerLensAdapter
+
+    return TransformerLensAdapter(model, name=name), info
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -52,13 +68,14 @@ def run_demo(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     times: dict[str, float] = {}
 
-    log(f"[1/4] reference models ({args.task}, seeds {args.seeds[0]} and {args.seeds[1]})")
-    names = [f"gru_seed{s}" for s in args.seeds]
-    models, model_info = {}, {}
-    for name, seed in zip(names, args.seeds):
-        model, info = reference_gru(args.task, seed, Path(args.cache), log)
-        models[name] = TorchModuleAdapter(model, name=name)
-        model_info[name] = info
+    log(f"[1/4] reference models ({args.pair} on {args.task})")
+    models, model_info, sites = {}, {}, {}
+    for architecture, seed in PAIRS[args.pair]:
+        adapter, info = reference_model(architecture, args.task, seed, Path(args.cache), log)
+        name = f"{architecture}_seed{seed}"
+        models[name], model_info[name] = adapter, info
+        sites[name] = args.transformer_site if architecture == "transformer" else SITES[architecture]
+    names = list(models)
     times["models"] = time.perf_counter() - started
 
     log("[2/4] counterfactual pairs for 'count'")
@@ -67,9 +84,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     test = task.counterfactual_pairs(args.test_pairs, seed=args.seed + 3)
     ceiling_data = task.sample(args.test_pairs, seed=args.seed + 4, split="held_out")
 
-    log(f"[3/4] MAS at rnn.h_l0, k = {args.subspace_dim}, all four directions")
+    log(f"[3/4] MAS at {sites}, k = {args.subspace_dim}, all four directions")
     t0 = time.perf_counter()
-    alignment = ModelAlignment(models, "rnn.h_l0", args.subspace_dim, seed=args.seed)
+    alignment = ModelAlignment(models, sites, args.subspace_dim, seed=args.seed)
     result = fit(
         alignment, train, valid, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         eval_every=args.eval_every, seed=args.seed, progress=not args.quiet,
@@ -87,10 +104,11 @@ def run_demo(args: argparse.Namespace) -> dict:
     report.plot(out / "iia.png")
     document = {
         "task": args.task,
-        "site": "rnn.h_l0",
+        "pair": args.pair,
+        "sites": sites,
         "variable": "count",
         "models": names,
-        "seeds": {"models": dict(zip(names, args.seeds)), "alignment": args.seed},
+        "seeds": {"models": {f"{a}_seed{s}": s for a, s in PAIRS[args.pair]}, "alignment": args.seed},
         "subspace_dim": args.subspace_dim,
         "iia": report.iia,
         "iia_token": report.iia_token,
@@ -117,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="align two GRU seeds on the numeric task and report IIA")
     demo.add_argument("--out", default="demo_out", help="folder for report.json, iia.png and the alignment")
     demo.add_argument("--task", default="multi_object", choices=["multi_object", "single_object", "same_object"])
-    demo.add_argument("--seeds", type=int, nargs=2, default=[0, 1], help="seeds of the two models")
+    demo.add_argument("--pair", default="gru-gru", choices=sorted(PAIRS), help="which two models to align (seeds 0 and 1)")
+    demo.add_argument("--transformer-site", default=SITES["transformer"], help="the transformer's site for --pair gru-transformer")
     demo.add_argument("--subspace-dim", type=int, default=16)
-    demo.add_argument("--steps", type=int, default=1500, help="most training steps (early stopping may end sooner)")
-    demo.add_argument("--lr", type=float, default=3e-3)
+    demo.add_argument("--steps", type=int, default=1000, help="most training steps (early stopping may end sooner)")
+    demo.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (the reference uses 1e-3 with more steps)")
     demo.add_argument("--batch-size", type=int, default=128)
     demo.add_argument("--eval-every", type=int, default=50)
     demo.add_argument("--train-pairs", type=int, default=10000)
