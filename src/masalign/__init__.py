@@ -8,15 +8,29 @@ and scored by :func:`evaluate`.
 """
 
 from .adapters import ModelAdapter, TorchModuleAdapter
-from .alignment import AlignmentFunction, OrthogonalAlignment, interchange, make_alignment
+from .alignment import (
+    AlignmentFunction,
+    CouplingAlignment,
+    ElementwiseInverseAlignment,
+    OrthogonalAlignment,
+    ScaledOrthogonalAlignment,
+    SymmetricPositiveDefiniteAlignment,
+    interchange,
+    make_alignment,
+)
 from .data import IGNORE_INDEX, CounterfactualPairs, LabelledSequences
 from .evaluate import IIAReport, all_directions, evaluate, iia_by_subspace_dim, interchange_scores, task_accuracy
 from .mas import ModelAlignment
-from .train import FitResult, fit
+from .train import FitResult, LatentObjective, fit
 
 __all__ = [
     "IGNORE_INDEX",
     "AlignmentFunction",
+    "CouplingAlignment",
+    "ElementwiseInverseAlignment",
+    "LatentObjective",
+    "ScaledOrthogonalAlignment",
+    "SymmetricPositiveDefiniteAlignment",
     "CounterfactualPairs",
     "FitResult",
     "IIAReport",

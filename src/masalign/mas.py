@@ -143,7 +143,7 @@ class ModelAlignment(nn.Module):
             n = min(len(view), max_pairs)
             hidden = self.source_activations(name, index_inputs(view.source_inputs, torch.arange(n)), view.source_positions[:n])
             flat = hidden.reshape(-1, hidden.shape[-1])
-            self.alignments[name].set_standardization(flat.mean(0), flat.std(0))
+            self.alignments[name].fit_standardization(flat)
 
     def intervened_logits(
         self,

@@ -18,10 +18,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
+from .adapters.base import check_finite
 from .data import CounterfactualData, check_views, index_inputs, inputs_to, variable_of, view_for
 from .evaluate import Direction, check_directions, direction_name, interchange_scores, intervention_loss
+from .latents import LatentTargets, cl_loss, natural_latents, range_excess, symmetric_kl_histogram
 from .mas import ModelAlignment
 
 
@@ -36,11 +39,43 @@ class FitResult:
     best_valid_accuracy: dict[str, float]
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    latent_diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
+    latent_pairs_masked: int = 0
 
     def summary(self) -> dict[str, Any]:
         summary = asdict(self)
         summary.pop("history")
         return summary
+
+
+@dataclass
+class LatentObjective:
+    """The counterfactual latent (CL) auxiliary loss (METHOD.md section 5).
+
+    For each direction (source, target) in ``directions`` the intervened activation
+    ``h~_t`` (the target's base activation with the source's aligned coordinates
+    written in) is pulled towards the counterfactual latent ``c``: the target's own
+    natural activation at ``targets.pool_row`` / ``pool_position`` of
+    ``pool_inputs``. Only activations are needed, so a target that cannot be run
+    with an intervention (only recorded) can still be aligned. Pairs without a
+    latent (``targets.found`` false) are masked out. Added to the behavioural loss
+    with ``weight`` (the reference's epsilon). One slot per pair.
+
+    Attributes:
+        directions: (source, target) pairs, independent of the behavioural ones.
+        targets: from :func:`masalign.latents.find_counterfactual_latents` or
+            :func:`masalign.latents.counterfactual_latent_index`, one per train pair.
+        pool_inputs: the sequences ``targets`` index (a mapping model -> inputs when
+            the models tokenise differently).
+        weight: epsilon, 0.85 in the reference's cl_mas config.
+        kind: "mse", "cosine" or "mse_cosine" (their average, the default).
+    """
+
+    directions: Sequence[Direction]
+    targets: LatentTargets
+    pool_inputs: Any
+    weight: float = 0.85
+    kind: str = "mse_cosine"
 
 
 @contextlib.contextmanager
@@ -96,6 +131,58 @@ def _check_vocabulary(alignment: ModelAlignment, data: dict[str, CounterfactualD
                 )
 
 
+@dataclass
+class _PreparedLatents:
+    """Everything the CL loss needs, computed once: activations only, no model runs per step."""
+
+    variable: str
+    directions: list[Direction]
+    block: slice
+    source_hidden: dict[str, Tensor]  # model -> (N, width) at the source positions
+    base_hidden: dict[str, Tensor]  # model -> (N, width) at the base positions
+    natural: dict[str, Tensor]  # model -> (N, width) counterfactual latents
+    found: Tensor
+    weight: float
+    kind: str
+    keep_complement: bool
+
+    def intervened(self, alignment: ModelAlignment, source: str, target: str, index: Tensor) -> Tensor:
+        values = alignment.alignments[source].coordinates(self.source_hidden[source][index], self.block)
+        return alignment.alignments[target].substitute(self.base_hidden[target][index], self.block, values, self.keep_complement)
+
+
+def _prepare_latents(alignment: ModelAlignment, objective: LatentObjective, train_data: dict[str, CounterfactualData]) -> _PreparedLatents:
+    if len(train_data) != 1:
+        raise ValueError("the CL loss supports one variable per fit; pass the train pairs of that variable alone")
+    variable, data = next(iter(train_data.items()))
+    directions = check_directions(alignment, objective.directions)
+    n = check_views(data)
+    if len(objective.targets) != n:
+        raise ValueError(f"latent targets cover {len(objective.targets)} pairs but the train data has {n}; find them for the train pairs")
+    if objective.weight < 0:
+        raise ValueError(f"the CL weight must be >= 0, got {objective.weight}")
+    device = alignment.device
+    source_hidden, base_hidden, natural = {}, {}, {}
+    for source, target in directions:
+        for model, positions_of in ((source, "source"), (target, "base")):
+            view = view_for(data, model)
+            if view.base_positions.shape[1] != 1:
+                raise ValueError("the CL loss supports one intervention slot per pair")
+            cache = source_hidden if positions_of == "source" else base_hidden
+            if model not in cache:
+                inputs = view.source_inputs if positions_of == "source" else view.base_inputs
+                positions = view.source_positions if positions_of == "source" else view.base_positions
+                cache[model] = alignment.source_activations(model, inputs, positions)[:, 0].to(device)
+        if target not in natural:
+            pool = objective.pool_inputs[target] if isinstance(objective.pool_inputs, dict) else objective.pool_inputs
+            natural[target] = natural_latents(alignment.models[target], alignment.sites[target], pool, objective.targets).to(device)
+            check_finite(natural[target], f"counterfactual latents of model {target!r}")
+    return _PreparedLatents(
+        variable, directions, alignment.block(variable), source_hidden, base_hidden, natural,
+        objective.targets.found.to(device), objective.weight, objective.kind, alignment.keep_complement,
+    )
+
+
 def fit(
     alignment: ModelAlignment,
     train: CounterfactualData | Sequence[CounterfactualData],
@@ -111,6 +198,7 @@ def fit(
     standardize: bool = False,
     seed: int = 0,
     progress: bool = True,
+    latent_objective: LatentObjective | None = None,
 ) -> FitResult:
     """Train ``alignment`` on counterfactual pairs; returns a :class:`FitResult`.
 
@@ -124,6 +212,10 @@ def fit(
             accuracy on every variable.
         standardize: first set each model's mean/std from its source activations.
         seed: batch order (the alignment's own seed sets its initialisation).
+        latent_objective: an optional CL loss on its own directions
+            (:class:`LatentObjective`); ``directions`` may then be only the
+            behavioural ones, e.g. one-sided alignment: ``directions=[("B", "A"),
+            ("A", "A")]`` with CL on ``[("A", "B"), ("B", "B")]``.
 
     The best state (highest mean validation trial accuracy, ties broken by lower
     loss) is restored at the end, also after Ctrl-C, which stops the fit cleanly.
@@ -154,6 +246,7 @@ def fit(
             v: {s: alignment.source_activations(s, view_for(d, s).source_inputs, view_for(d, s).source_positions) for s in sources}
             for v, d in valid_data.items()
         }
+        latent = _prepare_latents(alignment, latent_objective, train_data) if latent_objective else None
         sizes = {v: check_views(d) for v, d in train_data.items()}
         orders = {v: torch.randperm(n, generator=generator) for v, n in sizes.items()}
         cursors = {v: 0 for v in sizes}
@@ -226,6 +319,13 @@ def fit(
                             # gradients add up exactly as for the summed loss.
                             loss.backward()
                             step_loss += loss.item()
+                        if latent is not None and variable == latent.variable:
+                            for source, target in latent.directions:
+                                intervened = latent.intervened(alignment, source, target, index)
+                                mask = latent.found[index]
+                                loss = latent.weight * cl_loss(intervened, latent.natural[target][index], latent.kind, mask)
+                                loss.backward()
+                                step_loss += loss.item()
                     optimizer.step()
                     bar.update(1)
                     bar.set_description(f"MAS fit (loss {step_loss:.3f})")
@@ -238,6 +338,21 @@ def fit(
             bar.close()
             alignment.load_state_dict(best_state)
 
+    diagnostics: dict[str, dict[str, float]] = {}
+    if latent is not None:
+        with torch.no_grad():
+            sample = torch.arange(min(2048, len(latent.found)))
+            for source, target in latent.directions:
+                mask = latent.found[sample]
+                intervened = latent.intervened(alignment, source, target, sample)[mask]
+                natural = latent.natural[target][sample][mask]
+                excess = range_excess(intervened, natural)
+                diagnostics[direction_name((source, target))] = {
+                    "cl_loss": float(cl_loss(intervened, natural, latent.kind)),
+                    "symmetric_kl": symmetric_kl_histogram(intervened, natural),
+                    "range_excess_max": excess.max,
+                    "range_excess_mean": excess.mean,
+                }
     return FitResult(
         steps=step,
         best_step=best["step"],
@@ -246,4 +361,6 @@ def fit(
         best_valid_accuracy=best["accuracy"],
         seconds=time.perf_counter() - start_time,
         history=history,
+        latent_diagnostics=diagnostics,
+        latent_pairs_masked=0 if latent is None else int((~latent.found).sum()),
     )

@@ -1,0 +1,247 @@
+"""The other alignment functions of METHOD.md section 2: scaled orthogonal, SPD,
+elementwise inverse and additive coupling. Each must be an exact inverse pair,
+work through the generic interchange, train, and save/load through ModelAlignment."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from masalign import ModelAlignment, TorchModuleAdapter
+from masalign.alignment import (
+    AlignmentFunction,
+    CouplingAlignment,
+    ElementwiseInverseAlignment,
+    OrthogonalAlignment,
+    ScaledOrthogonalAlignment,
+    SymmetricPositiveDefiniteAlignment,
+    interchange,
+    make_alignment,
+)
+from masalign.models import RecurrentConfig, RecurrentLM
+
+# (kind, options): every new kind, and the interesting options of each.
+CASES = [
+    ("scaled_orthogonal", {}),
+    ("scaled_orthogonal", {"per_feature": False}),
+    ("spd", {}),
+    ("coupling", {}),
+    ("coupling", {"final_rotation": False, "n_blocks": 1, "hidden_size": 5}),
+    ("elementwise_inverse", {}),
+    ("elementwise_inverse", {"nonlinearity": "sigmoid", "inner": "spd"}),
+    ("elementwise_inverse", {"inner": "orthogonal", "inner_options": {"full_rotation": True}}),
+]
+IDS = [f"{kind}-{i}" for i, (kind, _) in enumerate(CASES)]
+
+
+def perturbed(kind: str, width: int, n_aligned: int, options: dict, seed: int = 0, dtype=torch.float64) -> AlignmentFunction:
+    """An alignment away from its initialisation (where coupling blocks are the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    a = make_alignment(kind, width, n_aligned, generator=g, **options).to(dtype)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        a.set_standardization(torch.randn(width, generator=g, dtype=dtype) * 0.3, torch.rand(width, generator=g, dtype=dtype) + 0.5)
+    return a
+
+
+def activations_for(a: AlignmentFunction, *shape: int, seed: int = 1) -> torch.Tensor:
+    """Random activations inside the alignment's domain ((-1, 1) for tanh, (0, 1) for sigmoid)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(*shape, a.width, generator=g, dtype=torch.float64)
+    if isinstance(a, ElementwiseInverseAlignment):
+        return a.activation(1.5 * u)
+    return 3 * u
+
+
+@pytest.mark.parametrize(("kind", "options"), CASES, ids=IDS)
+def test_inverse_undoes_forward(kind, options) -> None:
+    for width in (1, 6, 7) if kind != "coupling" else (2, 6, 7):
+        a = perturbed(kind, width, min(3, width), options)
+        h = activations_for(a, 4, 5)
+        z = a(h)
+        assert z.shape == h.shape
+        assert torch.allclose(a.inverse(z), h, atol=1e-5)
+        # and the other way round, for aligned vectors the map can reach
+        assert torch.allclose(a(a.inverse(z)), z, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kind", "options"), CASES, ids=IDS)
+def test_interchange_through_the_generic_path(kind, options) -> None:
+    a = perturbed(kind, 6, 4, options, seed=0)
+    b = perturbed(kind, 6, 4, options, seed=1)
+    h_source, h_target = activations_for(a, 8, seed=2), activations_for(b, 8, seed=3)
+    block = slice(1, 3)
+    # the base class's definition, written out: A_t^{-1}(A_t(h_t) with block from A_s(h_s))
+    z = b(h_target).clone()
+    z[:, block] = a(h_source)[:, block]
+    expected = b.inverse(z)
+    assert torch.allclose(interchange(a, h_source, b, h_target, block), expected, atol=1e-6)
+    assert torch.allclose(a.coordinates(h_source, block), a(h_source)[:, block], atol=1e-6)
+    assert torch.allclose(AlignmentFunction.substitute(b, h_target, block, z[:, block]), expected, atol=1e-6)
+    # a block carries exactly the source's coordinates into the target
+    assert torch.allclose(b.coordinates(expected, block), a.coordinates(h_source, block), atol=1e-5)
+    # same model, same input, or an empty block: the identity
+    assert torch.allclose(interchange(b, h_target, b, h_target, block), h_target, atol=1e-6)
+    assert torch.allclose(interchange(a, h_source, b, h_target, slice(2, 2)), h_target, atol=1e-6)
+    # stitching: complement zeroed
+    stitched = interchange(a, h_source, b, h_target, block, keep_complement=False)
+    padded = torch.zeros_like(z)
+    padded[:, block] = a(h_source)[:, block]
+    assert torch.allclose(stitched, b.inverse(padded), atol=1e-6)
+
+
+@pytest.mark.parametrize(("kind", "options"), CASES, ids=IDS)
+def test_gradient_reaches_every_parameter(kind, options) -> None:
+    a = perturbed(kind, 6, 4, options, dtype=torch.float32)
+    b = perturbed(kind, 6, 4, options, seed=1, dtype=torch.float32)
+    h_source, h_target = activations_for(a, 16, seed=2).float(), activations_for(b, 16, seed=3).float()
+    # Both directions, and a block reaching into the second half: as a source a
+    # map only needs its aligned block, and in a target the output bias of the
+    # second coupling MLP cancels between forward and inverse.
+    loss = interchange(a, h_source, b, h_target, slice(0, 4)).sin().sum()
+    loss = loss + interchange(b, h_target, a, h_source, slice(0, 4)).sin().sum()
+    loss.backward()
+    for module in (a, b):
+        for name, p in module.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(("kind", "options"), CASES, ids=IDS)
+def test_save_and_load_through_model_alignment(kind, options, tmp_path) -> None:
+    if kind == "elementwise_inverse":
+        options = {**options, "nonlinearity": "tanh"}  # a GRU state is tanh-bounded
+    torch.manual_seed(0)
+    models = {
+        name: TorchModuleAdapter(RecurrentLM(RecurrentConfig(hidden_size=16, embedding_size=8)), name=name)
+        for name in ("A", "B")
+    }
+    alignment = ModelAlignment(models, "rnn.h_l0", 4, alignment=kind, alignment_options=options, seed=3)
+    assert all(a.kind == kind for a in alignment.alignments.values())
+    with torch.no_grad():
+        for p in alignment.alignments.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    for name in models:  # GRU states lie in (-1, 1): a valid domain for every kind
+        alignment.alignments[name].set_standardization(torch.full((16,), 0.1), torch.full((16,), 0.5))
+    alignment.save(tmp_path / "saved")
+    loaded = ModelAlignment.load(tmp_path / "saved", models)
+    tokens = torch.tensor([[1, 5, 6, 2, 4, 4, 3], [1, 7, 2, 4, 3, 0, 0]])
+    positions = torch.tensor([[1], [1]])
+    for name in models:
+        assert type(loaded.alignments[name]) is type(alignment.alignments[name])
+        assert loaded.alignments[name].config() == alignment.alignments[name].config()
+        saved_state, loaded_state = alignment.alignments[name].state_dict(), loaded.alignments[name].state_dict()
+        assert saved_state.keys() == loaded_state.keys()
+        assert all(torch.equal(saved_state[k], loaded_state[k]) for k in saved_state)
+    hidden = alignment.source_activations("A", tokens, positions)
+    before = alignment.intervened_logits("A", "B", hidden, tokens, positions)
+    after = loaded.intervened_logits("A", "B", hidden, tokens, positions)
+    assert torch.equal(before, after)
+
+
+def test_model_alignment_builds_every_kind_by_name() -> None:
+    models = {"A": TorchModuleAdapter(RecurrentLM(RecurrentConfig(hidden_size=16, embedding_size=8)))}
+    for kind, cls in [
+        ("spd", SymmetricPositiveDefiniteAlignment),
+        ("scaled_orthogonal", ScaledOrthogonalAlignment),
+        ("coupling", CouplingAlignment),
+        ("elementwise_inverse", ElementwiseInverseAlignment),
+    ]:
+        assert isinstance(ModelAlignment(models, "rnn.h_l0", 2, alignment=kind).alignments["A"], cls)
+
+
+def test_same_seed_same_map() -> None:
+    for kind, options in CASES:
+        first = make_alignment(kind, 7, 2, generator=torch.Generator().manual_seed(5), **options)
+        second = make_alignment(kind, 7, 2, generator=torch.Generator().manual_seed(5), **options)
+        for (key, x), (_, y) in zip(first.state_dict().items(), second.state_dict().items()):
+            assert torch.equal(x, y), (kind, key)
+
+
+def test_scaled_orthogonal_is_a_scaled_rotation() -> None:
+    a = perturbed("scaled_orthogonal", 5, 2, {})
+    q = a.rotation
+    assert torch.allclose(q.T @ q, torch.eye(5, dtype=q.dtype), atol=1e-6)
+    h = torch.randn(3, 5, dtype=torch.float64)
+    assert torch.allclose(a(h), (a.standardize(h) @ q) * a.scale, atol=1e-10)
+    scalar = make_alignment("scaled_orthogonal", 5, 2, per_feature=False)
+    assert scalar.scale.shape == (1,) and torch.all(scalar.scale == 1)
+
+
+def test_spd_matrix_is_symmetric_positive_definite_and_well_conditioned() -> None:
+    a = make_alignment("spd", 12, 3, generator=torch.Generator().manual_seed(0)).double()
+    w = a.matrix
+    assert torch.allclose(w, w.T)
+    eigenvalues = torch.linalg.eigvalsh(w)
+    assert eigenvalues.min() > 0
+    assert eigenvalues.max() / eigenvalues.min() <= 4.0 + 1e-6  # init_condition
+    with pytest.raises(ValueError, match="eps must be positive"):
+        make_alignment("spd", 4, 1, eps=0.0)
+
+
+def test_coupling_starts_as_a_rotation_of_permuted_features() -> None:
+    a = make_alignment("coupling", 6, 2, generator=torch.Generator().manual_seed(0)).double()
+    h = torch.randn(4, 6, dtype=torch.float64)
+    x = h
+    for permutation in a.permutations:
+        x = x[:, permutation]
+    assert torch.allclose(a(h), x @ a.rotation, atol=1e-12)
+
+
+def test_coupling_errors_and_odd_widths() -> None:
+    with pytest.raises(ValueError, match="need width >= 2; got width 1"):
+        make_alignment("coupling", 1, 1)
+    with pytest.raises(ValueError, match="n_blocks"):
+        make_alignment("coupling", 4, 1, n_blocks=0)
+    odd = make_alignment("coupling", 5, 2)
+    assert [block.n_first for block in odd.blocks] == [3, 3, 3]
+
+
+def test_elementwise_inverse_standardises_the_unbounded_values() -> None:
+    a = make_alignment("elementwise_inverse", 4, 2, generator=torch.Generator().manual_seed(0)).double()
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(500, 4, generator=g, dtype=torch.float64) * torch.tensor([0.3, 0.6, 0.9, 1.2], dtype=torch.float64) + 0.5
+    a.fit_standardization(torch.tanh(u))
+    assert torch.allclose(a.mean, u.mean(0), atol=1e-6) and torch.allclose(a.std, u.std(0), atol=1e-6)
+    # A(h) is the inner orthogonal map of the standardised atanh(h)
+    assert torch.allclose(a(torch.tanh(u)), a.inner((u - u.mean(0)) / u.std(0)), atol=1e-6)
+    assert isinstance(a.inner, OrthogonalAlignment)
+    assert torch.equal(a.inner.mean, torch.zeros(4, dtype=torch.float64))
+
+
+def test_elementwise_inverse_clamps_saturated_values_and_rejects_outside_ones() -> None:
+    a = make_alignment("elementwise_inverse", 3, 1, eps=1e-6).double()
+    saturated = torch.tensor([[1.0, -1.0, 0.5]], dtype=torch.float64)
+    round_trip = a.inverse(a(saturated))
+    assert torch.isfinite(a(saturated)).all()
+    assert torch.allclose(round_trip, saturated, atol=2e-6)
+    # half precision: 1 - eps would round back to 1, so the clamp happens in float32
+    assert torch.isfinite(a.preimage(saturated.to(torch.bfloat16))).all()
+    with pytest.raises(ValueError, match=r"1 of 3 activation value\(s\) lie outside the range \(-1, 1\) of tanh.*1\.5 at \(0, 2\)"):
+        a(torch.tensor([[0.0, 0.2, 1.5]], dtype=torch.float64))
+    strict = make_alignment("elementwise_inverse", 3, 1, eps=0.0)
+    with pytest.raises(ValueError, match="outside the range"):
+        strict(torch.tensor([[1.0, 0.0, 0.0]]))
+    sigmoid = make_alignment("elementwise_inverse", 2, 1, nonlinearity="sigmoid")
+    with pytest.raises(ValueError, match=r"range \(0, 1\) of sigmoid"):
+        sigmoid(torch.tensor([[-0.5, 0.5]]))
+    with pytest.raises(ValueError, match="outside the range"):
+        a(torch.tensor([[math.nan, 0.0, 0.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown nonlinearity 'relu'"):
+        make_alignment("elementwise_inverse", 2, 1, nonlinearity="relu")
+    with pytest.raises(ValueError, match="unknown alignment kind 'nope'"):
+        make_alignment("elementwise_inverse", 2, 1, inner="nope")
+
+
+def test_fit_standardization_checks_its_input() -> None:
+    a = make_alignment("spd", 3, 1)
+    with pytest.raises(ValueError, match="width 4; this alignment has width 3"):
+        a.fit_standardization(torch.randn(5, 4))
+    with pytest.raises(ValueError, match="at least 2"):
+        a.fit_standardization(torch.randn(1, 3))
+    h = torch.randn(10, 2, 3)
+    a.fit_standardization(h)
+    assert torch.allclose(a.mean, h.reshape(-1, 3).mean(0)) and torch.allclose(a.std, h.reshape(-1, 3).std(0))
