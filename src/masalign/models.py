@@ -112,14 +112,17 @@ def train_lm(
     lr: float = 3e-3,
     target_accuracy: float = 0.995,
     check_every: int = 100,
+    model: nn.Module | None = None,
 ) -> tuple[nn.Module, TrainingSummary]:
     """Build and train a reference model on ``task`` (held-out counts excluded), seeded.
 
     Stops early once trial accuracy on sequences with held-out counts reaches
-    ``target_accuracy``. Returns the model in eval mode, and a summary.
+    ``target_accuracy``. Returns the model in eval mode, and a summary. Pass
+    ``model`` (tokens -> logits, or an output with ``.logits``) to train your own
+    architecture instead of building one from ``config``.
     """
     torch.manual_seed(seed)
-    model = build_model(config, seed)
+    model = build_model(config, seed) if model is None else model
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     check = task.sample(1000, seed=seed + 10_000, split="held_out")
@@ -128,7 +131,7 @@ def train_lm(
     model.train()
     for step in range(1, steps + 1):
         batch = task.sample(batch_size, seed=seed * 1_000_003 + step, split="train")
-        logits = model(batch.inputs)
+        logits = _logits(model(batch.inputs))
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
         optimizer.zero_grad()
         loss.backward()
@@ -139,7 +142,7 @@ def train_lm(
         if step % check_every == 0 or step == steps:
             model.eval()
             with torch.no_grad():
-                correct_trials, _, _ = correct_counts(model(check.inputs), check.labels)
+                correct_trials, _, _ = correct_counts(_logits(model(check.inputs)), check.labels)
             accuracy = correct_trials / len(check)
             model.train()
             if accuracy >= target_accuracy:
@@ -147,6 +150,10 @@ def train_lm(
     optimizer.zero_grad(set_to_none=True)  # leave no stale gradients on the returned model
     model.eval()
     return model, TrainingSummary(step, loss_value, accuracy, time.perf_counter() - start)
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
 
 
 def save_model(model: nn.Module, folder: str | Path) -> Path:
