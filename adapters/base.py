@@ -24,13 +24,22 @@ signature serves position-indexed models (all rows at once) and recurrent ones
 
     replace(hidden, example_index, slot_index) -> new_hidden
     hidden: (n_rows, width); example_index, slot_index: (n_rows,) long
+
+The shared pieces, so that every backend checks and patches the same way:
+:func:`check_positions` (shape, range, repeated positions, padding under an
+attention mask); :func:`gather_rows` and :func:`replace_rows` (read and
+out-of-place write of a position-indexed ``(batch, seq, *features)`` activation);
+:class:`RowReplacementHook` (``replace_rows`` for a hook that must fire once,
+with :func:`refuse_inference_weights` and a check that the gradient reached the
+logits); :func:`logits_from_output`.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Mapping
-from typing import Protocol, Union, runtime_checkable
+from typing import Any, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -93,10 +102,23 @@ def first_tensor(inputs: ModelInputs) -> Tensor:
     raise TypeError(f"inputs must be a tensor or a non-empty mapping of tensors, got {type(inputs).__name__}")
 
 
-def check_positions(positions: Tensor, batch: int, seq_len: int, lengths: Tensor | None = None) -> Tensor:
+def check_positions(
+    positions: Tensor,
+    batch: int,
+    seq_len: int,
+    lengths: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+) -> Tensor:
     """Validate ``(batch, n_slots)`` positions against the sequence; returns them as long.
 
-    ``lengths`` (batch,) gives each example's true length when inputs are padded.
+    Refused: a shape other than ``(batch, n_slots)``, non-integer dtypes, negative
+    positions, positions at or past the end of the sequence, and a position
+    repeated within one example (each slot needs its own row to write to).
+
+    ``lengths`` ``(batch,)`` gives each example's true length when inputs are
+    right-padded. ``attention_mask`` ``(batch, seq)`` (any padding side; other
+    shapes are ignored) refuses positions on padding (mask 0), naming the span of
+    that example's real tokens.
     """
     if not isinstance(positions, Tensor):
         positions = torch.as_tensor(positions)
@@ -123,7 +145,162 @@ def check_positions(positions: Tensor, batch: int, seq_len: int, lengths: Tensor
             f"position {int(positions[b, j])} (slot {j}) of example {b} is outside its sequence of length "
             f"{int(limit[b, 0])}; valid positions are 0..{int(limit[b, 0]) - 1}"
         )
+    if positions.shape[1] > 1:
+        ordered = positions.sort(dim=1).values
+        repeats = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+        if bool(repeats.any()):
+            b = int(repeats.nonzero()[0])
+            raise ValueError(f"example {b} repeats a position in {positions[b].tolist()}; each slot needs its own position")
+    if attention_mask is not None and attention_mask.dim() == 2:
+        real = attention_mask.to(positions.device).bool()
+        on_padding = ~real.gather(1, positions)
+        if bool(on_padding.any()):
+            b, j = on_padding.nonzero()[0].tolist()
+            tokens_at = real[b].nonzero().flatten().tolist()
+            span = f"{tokens_at[0]}..{tokens_at[-1]}" if tokens_at else "nowhere (all padding)"
+            raise IndexError(
+                f"position {int(positions[b, j])} (slot {j}) of example {b} is padding (attention_mask 0); "
+                f"that example's tokens are at positions {span} of the padded sequence"
+            )
     return positions
+
+
+def check_positions_for(inputs: Tensor, positions: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """:func:`check_positions` against a ``(batch, seq, ...)`` input tensor; the result is on its device."""
+    positions = torch.as_tensor(positions, device=inputs.device)
+    seq_len = inputs.shape[1] if inputs.dim() > 1 else 0
+    return check_positions(positions, inputs.shape[0], seq_len, attention_mask=attention_mask)
+
+
+# -- rows at positions: the read and the out-of-place write of position-indexed sites ---------
+
+
+def row_index(activation: Tensor, positions: Tensor, site: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(example_index, slot_index, flat_positions)``, each ``(batch * n_slots,)``, on the activation's device.
+
+    Row ``r`` is slot ``slot_index[r]`` of example ``example_index[r]``, at sequence
+    position ``flat_positions[r]``; examples are major, as ``positions.reshape(-1)``.
+    """
+    batch, n_slots = positions.shape
+    if activation.dim() < 3 or activation.shape[0] != batch:
+        raise SiteError(
+            f"site {site!r} gave an activation of shape {tuple(activation.shape)} for {batch} examples; "
+            "expected (batch, seq, width) or (batch, seq, *features)"
+        )
+    device = activation.device
+    example_index = torch.arange(batch, device=device).repeat_interleave(n_slots)
+    slot_index = torch.arange(n_slots, device=device).repeat(batch)
+    return example_index, slot_index, positions.to(device).reshape(-1)
+
+
+def gather_rows(activation: Tensor, positions: Tensor, site: str) -> Tensor:
+    """``(batch, n_slots, width)`` rows of a ``(batch, seq, *features)`` activation; features flattened."""
+    example_index, _, flat_positions = row_index(activation, positions, site)
+    return activation[example_index, flat_positions].reshape(positions.shape[0], positions.shape[1], -1)
+
+
+def replace_rows(activation: Tensor, positions: Tensor, replace: Replacement, site: str) -> Tensor:
+    """A new ``(batch, seq, *features)`` activation whose rows at ``positions`` are ``replace(...)``'s.
+
+    ``replace`` gets the ``(batch * n_slots, width)`` rows (trailing features
+    flattened, e.g. heads and ``d_head``) with their example and slot indices and
+    must return the same shape. Out of place: ``activation`` is never written to;
+    ``index_put`` builds the new tensor, so autograd reaches whatever ``replace``
+    used. The new rows are cast to the activation's dtype.
+    """
+    example_index, slot_index, flat_positions = row_index(activation, positions, site)
+    rows = activation[example_index, flat_positions]
+    width = math.prod(rows.shape[1:])
+    new_rows = replace(rows.reshape(rows.shape[0], width), example_index, slot_index)
+    if not isinstance(new_rows, Tensor) or tuple(new_rows.shape) != (rows.shape[0], width):
+        got = tuple(new_rows.shape) if isinstance(new_rows, Tensor) else type(new_rows).__name__
+        raise ValueError(
+            f"replace() must return a tensor of shape (n_rows, width) = {(rows.shape[0], width)} at {site!r}, got {got}"
+        )
+    return activation.index_put((example_index, flat_positions), new_rows.reshape(rows.shape).to(activation.dtype))
+
+
+def refuse_inference_weights(model: nn.Module, model_name: str) -> None:
+    """Raise if ``model``'s weights are inference tensors, through which no gradient can flow."""
+    # Inference tensors cannot be saved for backward; torch would fail deep in the
+    # forward with no hint of which model or why.
+    for tensor in model.parameters():
+        if tensor.is_inference():
+            raise RuntimeError(
+                f"{model_name}: its weights are inference tensors (created or loaded under "
+                "torch.inference_mode()), so gradients cannot flow through it to the alignment; load the model "
+                "outside inference_mode (torch.no_grad() is fine)"
+            )
+
+
+class RowReplacementHook:
+    """:func:`replace_rows` as a hook body, for a site that must run once per forward pass.
+
+    Beyond :func:`replace_rows`, it refuses a second call in one forward pass, and
+    when ``replace`` returns rows that require grad it refuses a model whose
+    weights are inference tensors (before the forward goes on) and, through
+    :meth:`check_gradient_reached` after the forward, a model whose forward
+    switches autograd off after the site. Use one instance per forward pass.
+    """
+
+    def __init__(self, positions: Tensor, replace: Replacement, site: str, model: nn.Module, model_name: str) -> None:
+        self.positions = positions
+        self.replace = replace
+        self.site = site
+        self.model = model
+        self.model_name = model_name
+        self.calls = 0
+        self.rows_require_grad = False
+
+    def __call__(self, activation: Tensor) -> Tensor:
+        """The new ``(batch, seq, *features)`` activation."""
+        self.calls += 1
+        if self.calls > 1:
+            raise SiteError(
+                f"{self.model_name}: site {self.site!r} was reached a second time in one forward pass; "
+                "a replacement at positions needs a site that runs once"
+            )
+        return replace_rows(activation, self.positions, self._observed_replace, self.site)
+
+    def _observed_replace(self, rows: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
+        new_rows = self.replace(rows, example_index, slot_index)
+        if isinstance(new_rows, Tensor) and new_rows.requires_grad:
+            self.rows_require_grad = True
+            refuse_inference_weights(self.model, self.model_name)
+        return new_rows
+
+    def check_gradient_reached(self, logits: Tensor) -> None:
+        """Raise if the replacement required grad, grad mode is on, and ``logits`` do not require grad."""
+        if self.rows_require_grad and torch.is_grad_enabled() and not logits.requires_grad:
+            raise RuntimeError(
+                f"{self.model_name}: the replacement at {self.site!r} requires grad but the logits do not: the "
+                "model's forward switches autograd off after the site (torch.no_grad or inference_mode inside "
+                "forward), so the alignment cannot be trained through it"
+            )
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+
+class StopForward(Exception):
+    """Raised from inside a model's forward pass once everything to be read has been read."""
+
+
+def logits_from_output(output: Any, adapter: str) -> Tensor:
+    """``(batch, seq, vocab)`` logits of a model output: the output itself, its ``.logits``, or its first element.
+
+    ``adapter`` is the adapter's class name, for the error's hint.
+    """
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"cannot find logits in the model's output of type {type(output).__name__}; "
+        f"pass logits_fn=... to {adapter} to extract them"
+    )
 
 
 def check_finite(tensor: Tensor, what: str) -> None:

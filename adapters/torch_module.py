@@ -25,6 +25,7 @@ if given, else on the first inputs the adapter sees.
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -39,15 +40,14 @@ from .base import (
     ModelInputs,
     Replacement,
     SiteError,
+    StopForward,
     batch_size_of,
-    check_positions,
+    check_positions_for,
     first_tensor,
+    logits_from_output,
+    replace_rows,
     unknown_site_error,
 )
-
-
-class _StopForward(Exception):
-    """Raised from inside the model once everything to be read has been read."""
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,6 @@ class _Site:
     layer: int = 0  # recurrent: which layer
     state: str = "h"  # recurrent: "h", "c" or "hc"
     element: int | None = None  # step/sequence: tuple element of the output, if any
-
-
-def _default_logits(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(
-        f"cannot find logits in the model's output of type {type(output).__name__}; "
-        "pass logits_fn=... to TorchModuleAdapter to extract them"
-    )
 
 
 class TorchModuleAdapter:
@@ -95,7 +82,7 @@ class TorchModuleAdapter:
         if not isinstance(model, nn.Module):
             raise TypeError(f"TorchModuleAdapter wraps an nn.Module, got {type(model).__name__}")
         self._model = model
-        self._logits_fn = logits_fn or _default_logits
+        self._logits_fn = logits_fn or functools.partial(logits_from_output, adapter="TorchModuleAdapter")
         self.name = name
         self._modules = dict(model.named_modules())
         self._recurrent_sites = self._find_recurrent_sites()
@@ -136,10 +123,10 @@ class TorchModuleAdapter:
         def record(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
             rows.append((hidden, example_index, slot_index))
             if sum(r[0].shape[0] for r in rows) >= n_needed:
-                raise _StopForward
+                raise StopForward
             return hidden
 
-        with contextlib.suppress(_StopForward):
+        with contextlib.suppress(StopForward):
             self._run_intervened(inputs, spec, positions, record, stop_when_done=True)
         out = first_tensor(inputs).new_zeros((batch, n_slots, spec.width), dtype=rows[0][0].dtype if rows else torch.float32)
         for hidden, example_index, slot_index in rows:
@@ -220,15 +207,7 @@ class TorchModuleAdapter:
         self._probed_sites = probed
 
     def _check_positions(self, spec: _Site, inputs: ModelInputs, positions: Tensor) -> Tensor:
-        x = first_tensor(inputs)
-        positions = torch.as_tensor(positions, device=x.device)
-        seq_len = x.shape[1] if x.dim() > 1 else 0
-        positions = check_positions(positions, x.shape[0], seq_len)
-        if positions.shape[1] > 1:
-            ordered = positions.sort(dim=1).values
-            if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-                b = int((ordered[:, 1:] == ordered[:, :-1]).any(1).nonzero()[0])
-                raise ValueError(f"example {b} repeats a position in {positions[b].tolist()}; each slot needs its own position")
+        positions = check_positions_for(first_tensor(inputs), positions)
         if spec.kind == "recurrent":
             rnn = self._modules[spec.module_path]
             if rnn.bidirectional:
@@ -276,16 +255,11 @@ def _with_part(output: Any, element: int | None, part: Tensor) -> Any:
 
 
 def _sequence_hook(spec: _Site, positions: Tensor, replace: Replacement, stop: bool, last: int):
-    n_slots = positions.shape[1]
-
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         part = _output_part(output, spec.element)
-        example_index = torch.arange(part.shape[0], device=part.device).repeat_interleave(n_slots)
-        slot_index = torch.arange(n_slots, device=part.device).repeat(part.shape[0])
-        flat_positions = positions.reshape(-1)
-        new_rows = replace(part[example_index, flat_positions], example_index, slot_index)
-        # index_put (not index_put_) builds a new tensor: autograd stays intact.
-        return _with_part(output, spec.element, part.index_put((example_index, flat_positions), new_rows))
+        # Out of place (replace_rows builds a new tensor): autograd stays intact.
+        site = spec.module_path if spec.element is None else f"{spec.module_path}[{spec.element}]"
+        return _with_part(output, spec.element, replace_rows(part, positions, replace, site))
 
     return hook
 
@@ -303,7 +277,7 @@ def _step_hook(spec: _Site, positions: Tensor, replace: Replacement, stop: bool,
         new_rows = replace(part[example_index], example_index, slot_index)
         new_output = _with_part(output, spec.element, part.index_put((example_index,), new_rows))
         if stop and step >= last:
-            raise _StopForward
+            raise StopForward
         return new_output
 
     return hook
@@ -449,7 +423,7 @@ def _split_layer(
         start = stop + 1
 
     if stop_when_done:
-        raise _StopForward
+        raise StopForward
     remaining = seq_len - start
     if bool((remaining > 0).any()):
         out, end_state = _run_segment(view, x, start, remaining.clamp(min=1), state)

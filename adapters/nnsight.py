@@ -1,0 +1,381 @@
+"""Adapter for nnsight models: ``NNsight(module)``, ``TransformersModel``, ``LanguageModel``.
+
+Sites are the model's module paths, as in ``model.named_modules()``, with what is
+read there:
+
+- ``"<module>.output"``: the module's output. When the output is a tuple (or a
+  Hugging Face ``ModelOutput``), this is its element 0, the hidden states of a
+  block or an attention layer; ``"<module>.output[0]"`` is accepted as the same
+  site.
+- ``"<module>.output[i]"``: element ``i`` of a tuple output, for the other
+  elements that are ``(batch, seq, width)`` activations.
+- ``"<module>.input"``: the module's first input (its first positional argument,
+  else its first keyword argument), as nnsight's ``.input`` defines it.
+
+For example ``"transformer.h.1.output"`` (a GPT-2 block's residual stream),
+``"transformer.h.1.mlp.input"``, ``"transformer.wte.output"``. A site is a
+``(batch, seq, width)`` float activation of a module that runs once per forward
+pass; widths come from one probing forward pass (a trace with nnsight's
+``tracer.cache()``) on ``example_inputs``, by default two all-zero token
+sequences for a Hugging Face model. Without ``example_inputs`` a model that takes
+something other than token ids is probed on the first inputs the adapter sees.
+
+Each call is one trace with one invoke: the batch runs as one forward pass and
+one autograd graph, so a plain ``loss.backward()`` after ``run_with_replacement``
+reaches every parameter the replacement used.
+
+``inputs`` are a tensor (passed positionally) or a mapping passed by keyword
+(``{"input_ids": ..., "attention_mask": ...}``). With a 2-d ``attention_mask``,
+positions index the padded sequence and must point at real tokens (mask 1).
+Left-padded rows get mask-derived ``position_ids`` when the model's forward takes
+``position_ids`` and none were given, as TransformerLens's bridge and nnsight's
+``TransformersModel`` (with a left-padding tokenizer) do, so a padded example
+sees the positions it has unpadded, whichever way the model is wrapped.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import (
+    ModelInputs,
+    Replacement,
+    RowReplacementHook,
+    SiteError,
+    check_positions_for,
+    gather_rows,
+    logits_from_output,
+    unknown_site_error,
+)
+
+_SITE_PATTERN = re.compile(r"^(?P<path>.+)\.(?P<slot>output|input)(?:\[(?P<element>\d+)\])?$")
+
+_PROBE_BATCH = 2
+_PROBE_SEQ_LEN = 7
+
+
+@dataclass(frozen=True)
+class _ModuleSite:
+    module_path: str  # relative to the root module, e.g. "transformer.h.1"
+    slot: str  # "output" or "input"
+    element: int | None  # element of a tuple / ModelOutput output; None for a plain tensor
+    width: int
+
+
+@dataclass(frozen=True)
+class _Unusable:
+    """A module value seen in the probe that cannot be a site, and why."""
+
+    reason: str
+
+
+class NNsightAdapter:
+    """Wrap an nnsight model; see the module docstring for site names.
+
+    Args:
+        model: an nnsight ``Envoy`` (``NNsight(module)``, ``TransformersModel``,
+            ``LanguageModel``) or a plain ``nn.Module``, which is wrapped in
+            ``nnsight.NNsight``. A ``TransformersModel`` built without
+            ``dispatch=True`` is dispatched here, so that :attr:`model` holds the
+            real weights.
+        example_inputs: inputs for the probing forward pass that finds the sites'
+            widths (default: ``(2, 7)`` zero token ids for a Hugging Face model,
+            else the first inputs the adapter sees).
+        logits_fn: extracts ``(batch, seq, vocab)`` logits from the model's output
+            (default: the output itself, ``.logits``, or its first element).
+        name: how the model is called in error messages.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        example_inputs: ModelInputs | None = None,
+        logits_fn: Callable[[Any], Tensor] | None = None,
+        name: str = "model",
+    ) -> None:
+        import nnsight
+
+        if isinstance(model, nn.Module):
+            model = nnsight.NNsight(model)
+        if not isinstance(model, nnsight.Envoy):
+            raise TypeError(
+                f"NNsightAdapter wraps an nnsight model (NNsight, TransformersModel, LanguageModel) or an "
+                f"nn.Module, got {type(model).__name__}"
+            )
+        if getattr(model, "dispatched", True) is False:
+            model.dispatch()
+        self._envoy = model
+        self._logits_fn = logits_fn or functools.partial(logits_from_output, adapter="NNsightAdapter")
+        self.name = name
+        self._example_inputs = example_inputs if example_inputs is not None else self._default_probe_inputs()
+        self._probed: dict[str, _ModuleSite | _Unusable] | None = None
+
+    # -- the protocol --------------------------------------------------------------
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped ``nn.Module``.
+
+        nnsight keeps it only as ``Envoy._module``, and swaps it when a lazily
+        loaded model is dispatched, so it is read afresh each time.
+        """
+        return self._envoy._module
+
+    @property
+    def envoy(self) -> Any:
+        """The nnsight model the adapter traces."""
+        return self._envoy
+
+    @property
+    def device(self) -> torch.device:
+        device = self._envoy.device
+        return device if device is not None else torch.device("cpu")
+
+    def sites(self) -> dict[str, int]:
+        return {name: site.width for name, site in self._probed_sites(None).items() if isinstance(site, _ModuleSite)}
+
+    def logits(self, inputs: ModelInputs) -> Tensor:
+        args, kwargs = self._call_arguments(inputs)
+        # trace=False: one forward through nnsight's input preparation, no intervention.
+        return self._logits_fn(self._envoy.trace(*args, trace=False, **kwargs))
+
+    def activations(self, inputs: ModelInputs, site: str, positions: Tensor) -> Tensor:
+        """``(batch, n_slots, width)`` activations; the forward pass stops at the site."""
+        import nnsight
+
+        spec = self._site(site, inputs)
+        positions = self._checked_positions(inputs, positions)
+        args, kwargs = self._call_arguments(inputs)
+        target = self._envoy.get(spec.module_path)
+        with self._envoy.trace(*args, **kwargs) as tracer:
+            value = target.output if spec.slot == "output" else target.input
+            rows = nnsight.save(gather_rows(_element_of(value, spec.element), positions, site))
+            tracer.stop()
+        return rows
+
+    def run_with_replacement(
+        self, inputs: ModelInputs, site: str, positions: Tensor, replace: Replacement
+    ) -> Tensor:
+        """Logits ``(batch, seq, vocab)`` with the site's rows at ``positions`` replaced, differentiably."""
+        import nnsight
+
+        spec = self._site(site, inputs)
+        positions = self._checked_positions(inputs, positions)
+        args, kwargs = self._call_arguments(inputs)
+        target = self._envoy.get(spec.module_path)
+        replacement = RowReplacementHook(positions, replace, site, self.model, self.name)
+        with self._envoy.trace(*args, **kwargs):
+            value = target.output if spec.slot == "output" else target.input
+            new_value = _with_element(value, spec.element, replacement(_element_of(value, spec.element)))
+            if spec.slot == "output":
+                target.output = new_value
+            else:
+                target.input = new_value
+            logits = nnsight.save(self._logits_fn(self._envoy.output))
+        replacement.check_gradient_reached(logits)
+        return logits
+
+    # -- sites ---------------------------------------------------------------------
+
+    def _site(self, site: str, inputs: ModelInputs | None) -> _ModuleSite:
+        probed = self._probed_sites(inputs)
+        parsed = _SITE_PATTERN.match(site)
+        if parsed is not None and parsed["element"] == "0":
+            # ".output[0]" is ".output" of a module with a tuple output.
+            first = probed.get(f"{parsed['path']}.{parsed['slot']}")
+            if isinstance(first, _ModuleSite) and first.element == 0:
+                return first
+        found = probed.get(site)
+        if isinstance(found, _ModuleSite):
+            return found
+        if isinstance(found, _Unusable):
+            raise SiteError(f"{self.name}: {site!r} cannot be a site: {found.reason}")
+        modules = dict(self.model.named_modules())
+        if parsed is None and site in modules and site:
+            raise SiteError(
+                f"{self.name}: {site!r} is a module, not a site; name what to read there: "
+                f"{site + '.output'!r} or {site + '.input'!r}"
+            )
+        if parsed is not None and parsed["path"] in modules:
+            path = parsed["path"]
+            at_module = [name for name in probed if name.split("[")[0].rsplit(".", 1)[0] == path]
+            if not at_module:
+                raise SiteError(
+                    f"{self.name}: module {path!r} exists but did not run in the probing forward pass "
+                    "(or takes and returns no tensors)"
+                )
+            raise SiteError(
+                f"{self.name}: module {path!r} has no site {site!r}; its sites are "
+                f"{[name for name in at_module if isinstance(probed[name], _ModuleSite)]}"
+            )
+        raise unknown_site_error(site, self.sites(), self.name)
+
+    def _default_probe_inputs(self) -> ModelInputs | None:
+        config = getattr(self.model, "config", None)
+        if getattr(config, "vocab_size", None) is None:
+            return None
+        n_ctx = next(
+            (getattr(config, key) for key in ("n_positions", "max_position_embeddings") if getattr(config, key, None)),
+            _PROBE_SEQ_LEN,
+        )
+        shape = (_PROBE_BATCH, min(_PROBE_SEQ_LEN, n_ctx))
+        return {
+            "input_ids": torch.zeros(shape, dtype=torch.long),
+            "attention_mask": torch.ones(shape, dtype=torch.long),
+        }
+
+    def _probed_sites(self, inputs: ModelInputs | None) -> dict[str, _ModuleSite | _Unusable]:
+        """Every module value seen in the probe, by site name; probes on first use."""
+        if self._probed is None:
+            self._probed = self._probe(self._example_inputs if self._example_inputs is not None else inputs)
+        return self._probed
+
+    def _probe(self, inputs: ModelInputs | None) -> dict[str, _ModuleSite | _Unusable]:
+        """Classify every module's input and output by shape, from one cached forward pass."""
+        if inputs is None:
+            raise ValueError(
+                f"{self.name}: the sites of a model that is not a Hugging Face model are found by running it, and "
+                "the adapter has seen no inputs yet; pass example_inputs=... to NNsightAdapter"
+            )
+        tokens, _ = _tokens_and_mask(inputs)
+        batch, seq_len = tokens.shape[0], tokens.shape[1]
+        args, kwargs = self._call_arguments(inputs)
+        try:
+            with torch.no_grad():
+                with self._envoy.trace(*args, **kwargs) as tracer:
+                    cache = tracer.cache(include_inputs=True, device=None)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            raise RuntimeError(
+                f"{self.name}: the probing forward pass that finds the sites' widths failed "
+                f"({type(error).__name__}: {error}); pass example_inputs=... that the model accepts"
+            ) from error
+        root_prefix = self._envoy.path + "."
+        probed: dict[str, _ModuleSite | _Unusable] = {}
+        for key in cache.keys():
+            if not key.startswith(root_prefix):
+                continue  # the root: its input is the model input, its output the logits
+            path = key[len(root_prefix) :]
+            visits = cache[key]
+            if len(visits) > 1:
+                reason = (
+                    f"module {path!r} runs {len(visits)} times per forward pass; "
+                    "a replacement at positions needs a module that runs once"
+                )
+                probed[f"{path}.output"] = probed[f"{path}.input"] = _Unusable(reason)
+                continue
+            _classify(probed, f"{path}.input", visits.input, None, batch, seq_len)
+            output = visits.output
+            elements = _elements(output)
+            if elements is None:
+                _classify(probed, f"{path}.output", output, None, batch, seq_len)
+                continue
+            for index, element in enumerate(elements):
+                name = f"{path}.output" if index == 0 else f"{path}.output[{index}]"
+                _classify(probed, name, element, index, batch, seq_len)
+        return probed
+
+    # -- inputs ----------------------------------------------------------------------
+
+    def _checked_positions(self, inputs: ModelInputs, positions: Tensor) -> Tensor:
+        tokens, attention_mask = _tokens_and_mask(inputs)
+        return check_positions_for(tokens, positions, attention_mask)
+
+    def _call_arguments(self, inputs: ModelInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if isinstance(inputs, Tensor):
+            return (inputs,), {}
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"inputs must be a tensor or a mapping of tensors, got {type(inputs).__name__}")
+        kwargs = dict(inputs)
+        tokens, attention_mask = _tokens_and_mask(inputs)
+        if (
+            attention_mask is not None
+            and attention_mask.shape == tokens.shape[:2]
+            and "position_ids" not in kwargs
+            and "position_ids" in inspect.signature(self.model.forward).parameters
+        ):
+            position_ids = _left_padding_position_ids(attention_mask)
+            if position_ids is not None:
+                kwargs["position_ids"] = position_ids
+        return (), kwargs
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _tokens_and_mask(inputs: ModelInputs) -> tuple[Tensor, Tensor | None]:
+    """The ``(batch, seq, ...)`` input tensor and the 2-d attention mask, if any."""
+    if isinstance(inputs, Tensor):
+        return inputs, None
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise TypeError(f"inputs must be a tensor or a non-empty mapping of tensors, got {type(inputs).__name__}")
+    key = next((k for k in ("input_ids", "inputs_embeds", "input") if k in inputs), next(iter(inputs)))
+    mask = inputs.get("attention_mask")
+    return inputs[key], mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+
+def _left_padding_position_ids(attention_mask: Tensor) -> Tensor | None:
+    """Positions counted from each row's first real token, for rows whose padding precedes a token.
+
+    Other rows keep ``0..seq-1``; ``None`` when no row needs the correction.
+    """
+    mask = attention_mask.long()
+    counted = (mask.cumsum(-1) - 1).clamp(min=0)
+    default = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    shifted = ((counted != default) & (mask != 0)).any(dim=1, keepdim=True)
+    if not bool(shifted.any()):
+        return None
+    return torch.where(shifted, counted, default)
+
+
+def _elements(output: Any) -> list[Any] | None:
+    """The elements of a tuple / list / ``ModelOutput`` output; ``None`` for anything else."""
+    if isinstance(output, (tuple, list)):
+        return list(output)
+    if isinstance(output, Mapping):
+        return list(output.values())
+    return None
+
+
+def _element_of(value: Any, element: int | None) -> Tensor:
+    if element is None:
+        return value
+    elements = _elements(value)
+    if elements is None:
+        raise SiteError(f"expected a tuple output to take element {element} of, got {type(value).__name__}")
+    return elements[element]
+
+
+def _with_element(value: Any, element: int | None, part: Tensor) -> Any:
+    """``value`` with its element ``element`` swapped for ``part``, same container type."""
+    if element is None:
+        return part
+    if isinstance(value, Mapping):
+        keys = list(value.keys())
+        return type(value)(**{**value, keys[element]: part})
+    parts = list(value)
+    parts[element] = part
+    return type(value)(parts) if isinstance(value, tuple) else parts
+
+
+def _classify(
+    probed: dict[str, _ModuleSite | _Unusable], name: str, value: Any, element: int | None, batch: int, seq_len: int
+) -> None:
+    if not isinstance(value, Tensor):
+        return
+    path, slot = name.split("[")[0].rsplit(".", 1)
+    if value.is_floating_point() and value.dim() == 3 and tuple(value.shape[:2]) == (batch, seq_len):
+        probed[name] = _ModuleSite(path, slot, element, value.shape[2])
+    else:
+        probed[name] = _Unusable(
+            f"it holds a {'float' if value.is_floating_point() else 'non-float'} tensor of shape "
+            f"{tuple(value.shape)} on {batch} sequences of length {seq_len}; sites are float (batch, seq, width) "
+            "activations"
+        )

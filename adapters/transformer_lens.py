@@ -1,0 +1,322 @@
+"""Adapter for TransformerLens models: anything with ``hook_dict`` and ``run_with_hooks``.
+
+That is every ``HookedRootModule``: TransformerLens 4's ``TransformerBridge``
+(``boot_transformers``, ``boot_native``), ``HookedTransformer`` of TransformerLens
+2.x/3.x, and a user's own ``HookedRootModule``. The backend is recognised by what
+it does, not by class, and ``transformer_lens`` itself is never imported here, so
+``import masalign.adapters`` works without it.
+
+Sites are the model's hook names, aliases included (``"blocks.1.hook_resid_post"``
+and, on the bridge, its canonical ``"blocks.1.hook_out"``; ``"hook_embed"``;
+``"blocks.0.mlp.hook_post"``). A site's activation is ``(batch, seq, width)``, or
+``(batch, seq, heads, d_head)`` for per-head hooks (``attn.hook_z``, ``hook_q``,
+...), whose heads are flattened: width ``heads * d_head``, head-major, as
+``activation.reshape(batch, seq, -1)`` lays them out. Attention patterns and
+scores ``(batch, heads, query, key)`` are not indexed by position and are not
+sites.
+
+Widths come from one probing forward pass on ``example_inputs`` (default: two
+all-zero token sequences) that records the shape at every hook point that
+fires. Hook points that fire only behind a config flag (``hook_mlp_in``,
+``hook_attn_in``, ``hook_q_input``/``k``/``v``, ``attn.hook_result``) are sites once
+the flag is on; asking for one while it is off names the flag.
+
+``inputs`` are a ``(batch, seq)`` token tensor, or a mapping whose tokens are under
+``"input"``, ``"input_ids"`` or ``"tokens"``; every other entry (``attention_mask``,
+...) is passed to the model's forward by keyword. With an ``attention_mask``,
+positions index the padded sequence and must point at real tokens (mask 1), on
+either padding side.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import (
+    ModelInputs,
+    Replacement,
+    RowReplacementHook,
+    SiteError,
+    StopForward,
+    check_positions_for,
+    gather_rows,
+    logits_from_output,
+    unknown_site_error,
+)
+
+# Hook points that TransformerLens fires only when a config flag is on (gated by the
+# name of the hook point, as HookedTransformer and TransformerBridge both do).
+_FLAG_OF_SUFFIX = (
+    ("attn.hook_result", "use_attn_result"),
+    ("hook_q_input", "use_split_qkv_input"),
+    ("hook_k_input", "use_split_qkv_input"),
+    ("hook_v_input", "use_split_qkv_input"),
+    ("mlp_in", "use_hook_mlp_in"),
+    ("attn_in", "use_attn_in"),
+)
+_FLAGS = tuple(dict.fromkeys(flag for _, flag in _FLAG_OF_SUFFIX))
+
+# (batch, heads, query, key) activations: dim 1 is heads, not positions.
+_ATTENTION_MAP_SUFFIXES = ("hook_pattern", "hook_attn_scores")
+
+_TOKEN_KEYS = ("input", "input_ids", "tokens")
+
+_PROBE_BATCH = 2
+_PROBE_SEQ_LEN = 7
+
+
+@dataclass(frozen=True)
+class _HookRecord:
+    """What one hook point showed in the probing forward pass."""
+
+    shape: tuple[int, ...]
+    is_float: bool
+    calls: int
+
+
+@dataclass(frozen=True)
+class _HookSite:
+    hook_name: str  # the canonical name hooks are attached under
+    feature_shape: tuple[int, ...]  # activation shape after (batch, seq)
+
+    @property
+    def width(self) -> int:
+        return math.prod(self.feature_shape)
+
+
+class TransformerLensAdapter:
+    """Wrap a TransformerLens model (``TransformerBridge``, ``HookedTransformer``, any ``HookedRootModule``).
+
+    Args:
+        model: the model; hooks are added per call and always removed, also on error.
+        example_inputs: inputs for the probing forward pass that finds the sites'
+            widths (default: ``(2, 7)`` zero tokens, shortened to the model's
+            ``n_ctx``); needed when the model does not take token ids.
+        logits_fn: extracts ``(batch, seq, vocab)`` logits from the model's output
+            (default: the output itself, ``.logits``, or its first element).
+        name: how the model is called in error messages.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: ModelInputs | None = None,
+        logits_fn: Callable[[Any], Tensor] | None = None,
+        name: str = "model",
+    ) -> None:
+        if not (isinstance(model, nn.Module) and hasattr(model, "run_with_hooks") and hasattr(model, "hook_dict")):
+            raise TypeError(
+                "TransformerLensAdapter wraps a TransformerLens model (an nn.Module with hook_dict and "
+                f"run_with_hooks, such as TransformerBridge or HookedTransformer), got {type(model).__name__}. "
+                "Wrap a plain nn.Module with TorchModuleAdapter instead."
+            )
+        self._model = model
+        self._example_inputs = example_inputs
+        self._logits_fn = logits_fn or functools.partial(logits_from_output, adapter="TransformerLensAdapter")
+        self.name = name
+        # One probe per setting of the hook flags: turning a flag on adds hook points.
+        self._probes: dict[tuple[Any, ...], dict[str, _HookRecord]] = {}
+
+    # -- the protocol --------------------------------------------------------------
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        for p in self._model.parameters():
+            return p.device
+        cfg_device = getattr(getattr(self._model, "cfg", None), "device", None)
+        return torch.device(cfg_device) if cfg_device is not None else torch.device("cpu")
+
+    def sites(self) -> dict[str, int]:
+        """Every hook name (aliases included) with a position-indexed activation, and its width."""
+        found: dict[str, int] = {}
+        for name, hook_point in self._model.hook_dict.items():
+            try:
+                found[name] = self._hook_site(name, hook_point).width
+            except SiteError:
+                continue
+        return found
+
+    def logits(self, inputs: ModelInputs) -> Tensor:
+        tokens, kwargs = _split_inputs(inputs)
+        return self._logits_fn(self._model(tokens, **kwargs))
+
+    def activations(self, inputs: ModelInputs, site: str, positions: Tensor) -> Tensor:
+        """``(batch, n_slots, width)`` activations; the forward pass stops at the site."""
+        spec = self._site(site)
+        tokens, kwargs = _split_inputs(inputs)
+        positions = check_positions_for(tokens, positions, kwargs.get("attention_mask"))
+        gathered: list[Tensor] = []
+
+        def read(activation: Tensor, hook: Any = None) -> None:
+            gathered.append(gather_rows(activation, positions, site))
+            raise StopForward
+
+        try:
+            self._model.run_with_hooks(tokens, fwd_hooks=[(spec.hook_name, read)], **kwargs)
+        except StopForward:
+            pass
+        if not gathered:
+            raise SiteError(f"{self.name}: hook {site!r} did not fire during the forward pass on these inputs")
+        return gathered[0]
+
+    def run_with_replacement(
+        self, inputs: ModelInputs, site: str, positions: Tensor, replace: Replacement
+    ) -> Tensor:
+        """Logits ``(batch, seq, vocab)`` with the site's rows at ``positions`` replaced, differentiably."""
+        spec = self._site(site)
+        tokens, kwargs = _split_inputs(inputs)
+        positions = check_positions_for(tokens, positions, kwargs.get("attention_mask"))
+        replacement = RowReplacementHook(positions, replace, site, self._model, self.name)
+
+        # TransformerLens calls a hook as hook(activation, hook=hook_point).
+        def replace_at_hook(activation: Tensor, hook: Any = None) -> Tensor:
+            return replacement(activation)
+
+        output = self._model.run_with_hooks(tokens, fwd_hooks=[(spec.hook_name, replace_at_hook)], **kwargs)
+        logits = self._logits_fn(output)
+        if replacement.calls == 0:
+            raise SiteError(f"{self.name}: hook {site!r} did not fire during the forward pass on these inputs")
+        replacement.check_gradient_reached(logits)
+        return logits
+
+    # -- sites ---------------------------------------------------------------------
+
+    def _site(self, site: str) -> _HookSite:
+        hook_point = self._model.hook_dict.get(site)
+        if hook_point is None:
+            raise unknown_site_error(site, self.sites(), self.name)
+        return self._hook_site(site, hook_point)
+
+    def _hook_site(self, site: str, hook_point: Any) -> _HookSite:
+        hook_name = self._canonical_name(site, hook_point)
+        flag = self._flag_turned_off(hook_name)
+        if flag is not None:
+            raise SiteError(
+                f"{self.name}: hook {site!r} fires only when cfg.{flag} is True; "
+                f"call model.set_{flag}(True) first"
+            )
+        pos_dim = getattr(hook_point, "pos_dim", None)
+        is_attention_map = hook_name.endswith(_ATTENTION_MAP_SUFFIXES) or site.endswith(_ATTENTION_MAP_SUFFIXES)
+        if is_attention_map or pos_dim not in (None, 1):
+            raise SiteError(
+                f"{self.name}: hook {site!r} is not indexed by position on dim 1 (attention maps are "
+                "(batch, heads, query, key)); sites must be (batch, seq, width) or (batch, seq, heads, d_head)"
+            )
+        record = self._probe().get(hook_name)
+        if record is None:
+            raise SiteError(
+                f"{self.name}: hook {site!r} exists but did not fire in a forward pass of this model: its "
+                "code path is not used by this architecture or configuration"
+            )
+        if record.calls > 1:
+            raise SiteError(
+                f"{self.name}: hook {site!r} fires {record.calls} times per forward pass; a replacement at "
+                "positions needs a hook that fires once"
+            )
+        batch, seq_len = self._probe_dims()
+        if not record.is_float or len(record.shape) < 3 or record.shape[:2] != (batch, seq_len):
+            raise SiteError(
+                f"{self.name}: hook {site!r} holds a {'float' if record.is_float else 'non-float'} tensor of shape "
+                f"{record.shape} on {batch} sequences of length {seq_len}; sites must be float (batch, seq, width) "
+                "or (batch, seq, heads, d_head) activations"
+            )
+        return _HookSite(hook_name, record.shape[2:])
+
+    def _canonical_name(self, site: str, hook_point: Any) -> str:
+        # The bridge lists one hook point under several names (hook_resid_post is an
+        # alias of hook_out); keyed by the canonical name, one probe record serves
+        # every spelling, and each point is hooked once.
+        canonical = getattr(hook_point, "name", None)
+        if isinstance(canonical, str) and self._model.hook_dict.get(canonical) is hook_point:
+            return canonical
+        return site
+
+    def _flag_turned_off(self, hook_name: str) -> str | None:
+        """The config flag that ``hook_name`` needs to fire, if that flag is off."""
+        flag = _gating_flag(hook_name)
+        cfg = getattr(self._model, "cfg", None)
+        if flag is None or cfg is None or getattr(cfg, flag, False):
+            return None
+        return flag
+
+    def _probe_dims(self) -> tuple[int, int]:
+        if self._example_inputs is not None:
+            tokens, _ = _split_inputs(self._example_inputs)
+            return tokens.shape[0], tokens.shape[1]
+        n_ctx = getattr(getattr(self._model, "cfg", None), "n_ctx", None)
+        seq_len = min(_PROBE_SEQ_LEN, n_ctx) if isinstance(n_ctx, int) and n_ctx > 0 else _PROBE_SEQ_LEN
+        return _PROBE_BATCH, seq_len
+
+    def _probe(self) -> dict[str, _HookRecord]:
+        """Shapes at every hook point that fires, keyed by canonical name (cached per flag setting)."""
+        cfg = getattr(self._model, "cfg", None)
+        flags = tuple(getattr(cfg, flag, None) for flag in _FLAGS)
+        if flags in self._probes:
+            return self._probes[flags]
+
+        if self._example_inputs is not None:
+            tokens, kwargs = _split_inputs(self._example_inputs)
+        else:
+            tokens, kwargs = torch.zeros(self._probe_dims(), dtype=torch.long, device=self.device), {}
+        records: dict[str, _HookRecord] = {}
+
+        def recorder(hook_name: str) -> Callable[..., None]:
+            def record(activation: Tensor, hook: Any = None) -> None:
+                previous = records.get(hook_name)
+                calls = previous.calls + 1 if previous is not None else 1
+                shape = previous.shape if previous is not None else tuple(activation.shape)
+                records[hook_name] = _HookRecord(shape, activation.is_floating_point(), calls)
+
+            return record
+
+        # The bridge refuses hooks on a gated-off point; HookedTransformer accepts them and
+        # never fires them. Either way there is nothing to record there.
+        canonical_names = (self._canonical_name(name, point) for name, point in self._model.hook_dict.items())
+        hook_names = [name for name in dict.fromkeys(canonical_names) if self._flag_turned_off(name) is None]
+        with torch.no_grad():
+            try:
+                self._model.run_with_hooks(tokens, fwd_hooks=[(n, recorder(n)) for n in hook_names], **kwargs)
+            except (RuntimeError, ValueError, TypeError, IndexError) as error:
+                raise RuntimeError(
+                    f"{self.name}: the probing forward pass that finds the sites' widths failed on "
+                    f"{'example_inputs' if self._example_inputs is not None else 'zero token ids'} "
+                    f"({type(error).__name__}: {error}); pass example_inputs=... that the model accepts"
+                ) from error
+        self._probes[flags] = records
+        return records
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _gating_flag(hook_name: str) -> str | None:
+    for suffix, flag in _FLAG_OF_SUFFIX:
+        if hook_name.endswith(suffix):
+            return flag
+    return None
+
+
+def _split_inputs(inputs: ModelInputs) -> tuple[Tensor, dict[str, Any]]:
+    """``(tokens, forward keyword arguments)`` from a token tensor or a mapping."""
+    if isinstance(inputs, Tensor):
+        return inputs, {}
+    if isinstance(inputs, Mapping):
+        keys = [key for key in _TOKEN_KEYS if key in inputs]
+        if len(keys) != 1:
+            raise KeyError(
+                f"inputs must hold the tokens under exactly one of {list(_TOKEN_KEYS)}; got keys {list(inputs)}"
+            )
+        kwargs = {key: value for key, value in inputs.items() if key != keys[0]}
+        return inputs[keys[0]], kwargs
+    raise TypeError(f"inputs must be a tensor or a mapping of tensors, got {type(inputs).__name__}")
