@@ -49,7 +49,7 @@ def reference_model(architecture: str, task_name: str, seed: int, cache: Path, l
         log(f"  training {architecture} seed {seed} on {task_name} ...")
         model, summary = train_lm(get_task(task_name), config, seed=seed)
         save_model(model, folder)
-        log(f"  done in {summary.seconds:.0f}s ({summary.steps} steps, held-out accuracy {summary.held_out_trial_accuracy:.3f}); saved to {folder}")
+        log(f"  done in {summary.seconds:.0f}s ({summary.steps} steps, held-out accuracy {summary.check_trial_accuracy:.3f}); saved to {folder}")
         info = {"cached": False, "folder": str(folder), "training_seconds": summary.seconds, "training_steps": summary.steps}
     name = f"{architecture}_seed{seed}"
     if architecture == "gru":
