@@ -182,20 +182,21 @@ class IIAReport:
     def table(self) -> str:
         """A text table: IIA (floor) per direction, and each target's ceiling."""
         width = max(8, *(len(m) for m in self.models)) + 2
+        cell = max(16, width + 2)
         lines = [f"IIA on {self.variable!r} (trial accuracy; floor in brackets), {self.n_pairs} pairs, k = {self.subspace_dims}"]
-        lines.append("source \\ target".ljust(width + 8) + "".join(m.rjust(16) for m in self.models))
+        lines.append("source \\ target".ljust(width + 8) + "".join(m.rjust(cell) for m in self.models))
         for source in self.models:
             cells = []
             for target in self.models:
                 value = self.iia.get(source, {}).get(target)
                 if value is None:
-                    cells.append("-".rjust(16))
+                    cells.append("-".rjust(cell))
                     continue
                 floor = self.floor.get(source, {}).get(target) if self.floor else None
-                cells.append((f"{value:.3f}" + (f" ({floor:.3f})" if floor is not None else "")).rjust(16))
+                cells.append((f"{value:.3f}" + (f" ({floor:.3f})" if floor is not None else "")).rjust(cell))
             lines.append(source.ljust(width + 8) + "".join(cells))
         if self.ceiling:
-            lines.append("ceiling (task accuracy)".ljust(width + 8) + "".join(f"{self.ceiling.get(m, float('nan')):.3f}".rjust(16) for m in self.models))
+            lines.append("ceiling (task accuracy)".ljust(width + 8) + "".join(f"{self.ceiling.get(m, float('nan')):.3f}".rjust(cell) for m in self.models))
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -118,7 +118,7 @@ class NumericTask:
     def counterfactual_pairs(
         self, n_pairs: int, seed: int = 0, split: str | Sequence[int] = "all", variable: str = "count"
     ) -> CounterfactualPairs:
-        """Interchange pairs for ``count``.
+        """Interchange pairs for ``count`` (or ``null``: the same pairs, labelled with the base's own continuation).
 
         For each pair, a base and a source sequence are drawn, and a position in each
         (not padding, B, T or E). The source's count at its position is written into
@@ -128,8 +128,8 @@ class NumericTask:
         """
         if n_pairs <= 0:
             raise ValueError(f"n_pairs must be positive, got {n_pairs}")
-        if variable != "count":
-            raise ValueError(f"the numeric tasks define the variable 'count', not {variable!r}")
+        if variable not in ("count", "null"):
+            raise ValueError(f"the numeric tasks define the variables 'count' and 'null', not {variable!r}")
         rng = random.Random(seed)
         counts = self.counts(split)
         bases, sources, base_pos, source_pos, labels = [], [], [], [], []
@@ -139,7 +139,9 @@ class NumericTask:
             base_states, source_states = self.states(base), self.states(source)
             p = rng.choice([i for i, s in enumerate(base_states) if s is not None])
             q = rng.choice([i for i, s in enumerate(source_states) if s is not None])
-            new_count = source_states[q].count  # type: ignore[union-attr]
+            # "null": the interchange must change nothing, so the labels are the base's own
+            # continuation; training on it makes the interchanged block causally inert.
+            new_count = source_states[q].count if variable == "count" else base_states[p].count  # type: ignore[union-attr]
             counterfactual = self.continuation(base, p, new_count)
             response_length = len(counterfactual) - counterfactual.index(TRIGGER) - 2
             if base_states[p].phase == "demo" and not 1 <= response_length <= self.max_count:  # type: ignore[union-attr]
