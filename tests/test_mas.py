@@ -164,3 +164,20 @@ def test_nan_activations(trained_grus, pairs) -> None:
 def test_fit_inside_no_grad(adapters, pairs) -> None:
     with torch.no_grad(), pytest.raises(RuntimeError, match="needs gradients"):
         fit(ModelAlignment(adapters, "rnn.h_l0", 4), pairs["valid"], pairs["valid"], steps=1, progress=False)
+
+
+def test_several_variables_and_a_null_block(adapters, small_task) -> None:
+    count = small_task.counterfactual_pairs(600, seed=31)
+    null = small_task.counterfactual_pairs(600, seed=31, variable="null")
+    # a null pair's base is a natural sequence: the interchange must leave its continuation as it is
+    for i in range(20):
+        base = [t for t in null.base_inputs[i].tolist() if t != 0]
+        p = int(null.base_positions[i, 0])
+        assert small_task.continuation(base, p, small_task.states(base)[p].count) == base
+        assert small_task.states(base)[-2] is not None and small_task.states(base)[-2].count == 0
+    alignment = ModelAlignment(adapters, "rnn.h_l0", {"count": 4, "null": 40})
+    assert alignment.blocks == {"count": slice(0, 4), "null": slice(4, 44)}
+    result = fit(alignment, [count, null], [count.subset(slice(0, 64)), null.subset(slice(0, 64))], steps=30, eval_every=10, lr=1e-2, progress=False)
+    assert set(result.history[-1]["valid_accuracy"]) == {f"{s}->{t} {v}" for s in "AB" for t in "AB" for v in ("count", "null")}
+    null_scores = [v for k, v in result.history[-1]["valid_accuracy"].items() if k.endswith("null")]
+    assert min(null_scores) >= 0.8  # swapping an inert block changes little
