@@ -181,3 +181,10 @@ def test_several_variables_and_a_null_block(adapters, small_task) -> None:
     assert set(result.history[-1]["valid_accuracy"]) == {f"{s}->{t} {v}" for s in "AB" for t in "AB" for v in ("count", "null")}
     null_scores = [v for k, v in result.history[-1]["valid_accuracy"].items() if k.endswith("null")]
     assert min(null_scores) >= 0.8  # swapping an inert block changes little
+
+
+def test_source_activations_of_the_wrong_width(fitted, pairs) -> None:
+    alignment, _, _ = fitted
+    test = pairs["test"].subset(slice(0, 4))
+    with pytest.raises(ValueError, match="width 32 but model 'A' has width 48"):
+        alignment.intervened_logits("A", "B", torch.zeros(4, 1, 32), test.base_inputs, test.base_positions)

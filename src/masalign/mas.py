@@ -162,12 +162,12 @@ class ModelAlignment(nn.Module):
         """
         block = self.block(variable)
         source_alignment, target_alignment = self.alignments[source], self.alignments[target]
-        values = source_alignment.coordinates(source_hidden, block)  # (batch, n_slots, k)
         if source_hidden.shape[-1] != self.widths[source]:
             raise ValueError(
                 f"source activations have width {source_hidden.shape[-1]} but model {source!r} has width "
                 f"{self.widths[source]} at {self.sites[source]!r}"
             )
+        values = source_alignment.coordinates(source_hidden, block)  # (batch, n_slots, k)
 
         def replace(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
             if hidden.shape[-1] != target_alignment.width:
