@@ -151,7 +151,13 @@ class _PreparedLatents:
         return alignment.alignments[target].substitute(self.base_hidden[target][index], self.block, values, self.keep_complement)
 
 
-def _prepare_latents(alignment: ModelAlignment, objective: LatentObjective, train_data: dict[str, CounterfactualData]) -> _PreparedLatents:
+def _prepare_latents(
+    alignment: ModelAlignment,
+    objective: LatentObjective,
+    train_data: dict[str, CounterfactualData],
+    source_cache: dict[str, Tensor],
+) -> _PreparedLatents:
+    """``source_cache``: the behavioural sources' activations, already read by ``fit``."""
     if len(train_data) != 1:
         raise ValueError("the CL loss supports one variable per fit; pass the train pairs of that variable alone")
     variable, data = next(iter(train_data.items()))
@@ -161,19 +167,22 @@ def _prepare_latents(alignment: ModelAlignment, objective: LatentObjective, trai
         raise ValueError(f"latent targets cover {len(objective.targets)} pairs but the train data has {n}; find them for the train pairs")
     if objective.weight < 0:
         raise ValueError(f"the CL weight must be >= 0, got {objective.weight}")
+    if any(view_for(data, m).base_positions.shape[1] != 1 for d in directions for m in d):
+        raise ValueError("the CL loss supports one intervention slot per pair")
     device = alignment.device
-    source_hidden, base_hidden, natural = {}, {}, {}
+    source_hidden: dict[str, Tensor] = {}
+    base_hidden: dict[str, Tensor] = {}
+    natural: dict[str, Tensor] = {}
     for source, target in directions:
-        for model, positions_of in ((source, "source"), (target, "base")):
-            view = view_for(data, model)
-            if view.base_positions.shape[1] != 1:
-                raise ValueError("the CL loss supports one intervention slot per pair")
-            cache = source_hidden if positions_of == "source" else base_hidden
-            if model not in cache:
-                inputs = view.source_inputs if positions_of == "source" else view.base_inputs
-                positions = view.source_positions if positions_of == "source" else view.base_positions
-                cache[model] = alignment.source_activations(model, inputs, positions)[:, 0].to(device)
-        if target not in natural:
+        if source not in source_hidden:
+            view = view_for(data, source)
+            cached = source_cache.get(source)
+            if cached is None:
+                cached = alignment.source_activations(source, view.source_inputs, view.source_positions)
+            source_hidden[source] = cached[:, 0].to(device)
+        if target not in base_hidden:
+            view = view_for(data, target)
+            base_hidden[target] = alignment.source_activations(target, view.base_inputs, view.base_positions)[:, 0].to(device)
             pool = objective.pool_inputs[target] if isinstance(objective.pool_inputs, dict) else objective.pool_inputs
             natural[target] = natural_latents(alignment.models[target], alignment.sites[target], pool, objective.targets).to(device)
             check_finite(natural[target], f"counterfactual latents of model {target!r}")
@@ -246,7 +255,10 @@ def fit(
             v: {s: alignment.source_activations(s, view_for(d, s).source_inputs, view_for(d, s).source_positions) for s in sources}
             for v, d in valid_data.items()
         }
-        latent = _prepare_latents(alignment, latent_objective, train_data) if latent_objective else None
+        latent = None
+        if latent_objective is not None:
+            latent_variable = next(iter(train_data))
+            latent = _prepare_latents(alignment, latent_objective, train_data, train_cache[latent_variable])
         sizes = {v: check_views(d) for v, d in train_data.items()}
         orders = {v: torch.randperm(n, generator=generator) for v, n in sizes.items()}
         cursors = {v: 0 for v in sizes}
