@@ -30,16 +30,18 @@ import torch
 
 def load_similarity_module() -> Any:
     """Import masalign.similarity; if the package's __init__ needs modules this
-    environment lacks (model adapters), load similarity.py on its own: it needs
-    only numpy, scipy and torch."""
+    environment lacks (model adapters), load the similarity subpackage on its own:
+    it needs only numpy, scipy and torch."""
     try:
         from masalign import similarity
 
         return similarity
     except ImportError as error:
-        path = Path(__file__).resolve().parents[1] / "src" / "masalign" / "similarity.py"
+        path = Path(__file__).resolve().parents[1] / "src" / "masalign" / "similarity"
         print(f"note: `import masalign` failed ({error}); loading {path} directly")
-        spec = importlib.util.spec_from_file_location("masalign_similarity", path)
+        spec = importlib.util.spec_from_file_location(
+            "masalign_similarity", path / "__init__.py", submodule_search_locations=[str(path)]
+        )
         if spec is None or spec.loader is None:
             raise
         module = importlib.util.module_from_spec(spec)

@@ -1,0 +1,122 @@
+"""Boundary checks, conversions and shared helpers of the similarity measures.
+
+Every public measure converts its inputs here (see the package docstring for the
+conventions): one floating dtype, one device, samples as rows, finite values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ArrayLike = np.ndarray | Tensor
+
+
+def _to_tensor(data: ArrayLike, name: str, device: torch.device | None = None) -> Tensor:
+    """Convert to a floating tensor without copying when possible (never written to)."""
+    if isinstance(data, Tensor):
+        tensor = data.detach()
+    else:
+        tensor = torch.as_tensor(np.asarray(data), device=device)
+    if tensor.is_complex():
+        raise ValueError(f"{name} must be real-valued; got dtype {tensor.dtype}")
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.float64)
+    elif tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.to(torch.float32)
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return tensor
+
+
+def _common_device(arrays: Sequence[ArrayLike], names: Sequence[str]) -> torch.device | None:
+    devices = {(name, a.device) for name, a in zip(names, arrays, strict=True) if isinstance(a, Tensor)}
+    distinct = {device for _, device in devices}
+    if len(distinct) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in sorted(devices, key=str))
+        raise ValueError(f"inputs are on different devices ({listed}); move them to one device")
+    return distinct.pop() if distinct else None
+
+
+def _as_sample_matrices(
+    arrays: Sequence[ArrayLike],
+    names: Sequence[str],
+    *,
+    measure: str,
+    min_samples: int = 2,
+) -> list[Tensor]:
+    """The one boundary check for paired (samples, features) matrices.
+
+    Returns tensors on one device with one floating dtype. Raises ValueError when
+    a matrix is not 2-D, has no features, the sample counts differ, a value is not
+    finite, or there are fewer than ``min_samples`` rows.
+    """
+    device = _common_device(arrays, names)
+    tensors = [_to_tensor(a, f"{measure}: {name}", device) for a, name in zip(arrays, names, strict=True)]
+    for tensor, name in zip(tensors, names, strict=True):
+        if tensor.ndim != 2:
+            raise ValueError(
+                f"{measure}: {name} must be a 2-D (samples, features) matrix; "
+                f"got shape {tuple(tensor.shape)}"
+            )
+        if tensor.shape[1] == 0:
+            raise ValueError(f"{measure}: {name} has no features (shape {tuple(tensor.shape)})")
+    counts = [t.shape[0] for t in tensors]
+    if len(set(counts)) > 1:
+        listed = ", ".join(f"{name} has {n}" for name, n in zip(names, counts, strict=True))
+        raise ValueError(
+            f"{measure}: inputs must have the same number of samples (rows), "
+            f"paired row by row; {listed}"
+        )
+    if counts[0] < min_samples:
+        raise ValueError(f"{measure} needs at least {min_samples} samples; got {counts[0]}")
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return [t.to(dtype) for t in tensors]
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(map(repr, allowed))}")
+
+
+def _centre_columns(X: Tensor) -> Tensor:
+    return X - X.mean(dim=0, keepdim=True)
+
+
+def _reduce_width(X: Tensor) -> Tensor:
+    """Rotate a wide matrix (N < d) onto an N-column basis: returns X Q with Q^T Q = I.
+
+    X Q has the same Gram matrix X X^T, so every measure that only sees X through
+    X X^T (linear CKA, Procrustes, NBS) is unchanged, while d x d products shrink
+    to N x N. This keeps the feature-space formulas cheap for every shape.
+    """
+    n_samples, width = X.shape
+    if width <= n_samples:
+        return X
+    # QR of X^T (d x N): X^T = Q R, so X Q = R^T, an (N x N) matrix.
+    _, r_factor = torch.linalg.qr(X.T, mode="reduced")
+    return r_factor.T
+
+
+def _squared_distances(X: Tensor) -> Tensor:
+    """Squared Euclidean distances between rows, (N, N), exact zeros on the diagonal."""
+    # Translating by one sample leaves the distances unchanged, reduces cancellation
+    # for data far from the origin and keeps small integer-valued data exact (so
+    # tied distances stay tied for the rank comparisons).
+    shifted = X - X[:1]
+    gram = shifted @ shifted.T
+    row_norms = gram.diagonal()
+    squared = row_norms[:, None] + row_norms[None, :] - 2.0 * gram
+    squared.clamp_(min=0.0)
+    squared.fill_diagonal_(0.0)
+    return squared
+
+
+def _upper_triangle(matrix: Tensor) -> Tensor:
+    rows, cols = torch.triu_indices(matrix.shape[0], matrix.shape[1], offset=1, device=matrix.device)
+    return matrix[rows, cols]

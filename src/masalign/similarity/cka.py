@@ -1,0 +1,175 @@
+"""Centred kernel alignment: linear, debiased, RBF and angular CKA (METHOD.md section 8)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._common import (
+    ArrayLike,
+    _as_sample_matrices,
+    _centre_columns,
+    _reduce_width,
+    _squared_distances,
+    _upper_triangle,
+)
+
+
+def _unbiased_hsic_from_parts(
+    cross: Tensor,
+    diag_x: Tensor,
+    diag_y: Tensor,
+    row_sums_x: Tensor,
+    row_sums_y: Tensor,
+) -> Tensor:
+    """Song et al. (2012) unbiased HSIC from the pieces of two kernel matrices K, L.
+
+    With K~, L~ the kernels with zeroed diagonals and n samples:
+        HSIC_1 = [tr(K~ L~) + (1'K~1)(1'L~1) / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))
+    Args: cross = tr(K L) = sum_ij K_ij L_ij; diag_x, diag_y: (n,) diagonals of K, L;
+    row_sums_x, row_sums_y: (n,) row sums K 1, L 1.
+    """
+    n = diag_x.shape[0]
+    trace_term = cross - (diag_x * diag_y).sum()
+    offdiag_row_sums_x = row_sums_x - diag_x
+    offdiag_row_sums_y = row_sums_y - diag_y
+    total_x = offdiag_row_sums_x.sum()
+    total_y = offdiag_row_sums_y.sum()
+    return (
+        trace_term
+        + total_x * total_y / ((n - 1) * (n - 2))
+        - 2.0 / (n - 2) * (offdiag_row_sums_x @ offdiag_row_sums_y)
+    ) / (n * (n - 3))
+
+
+def _linear_unbiased_hsic(X: Tensor, Y: Tensor) -> Tensor:
+    """Unbiased HSIC for the linear kernels X X^T, Y Y^T without forming them (O(N d) memory)."""
+    cross = (Y.T @ X).square().sum()
+    row_sums_x = X @ X.sum(dim=0)
+    row_sums_y = Y @ Y.sum(dim=0)
+    return _unbiased_hsic_from_parts(
+        cross, (X * X).sum(dim=1), (Y * Y).sum(dim=1), row_sums_x, row_sums_y
+    )
+
+
+def _cka_ratio(cross: Tensor, self_x: Tensor, self_y: Tensor, measure: str) -> float:
+    for value, name in ((self_x, "X"), (self_y, "Y")):
+        if float(value) <= 0.0:
+            raise ValueError(
+                f"{measure} is undefined: the HSIC of {name} with itself is {float(value):.3g} "
+                f"(constant {name}, or too few samples for the debiased estimator)"
+            )
+    return float(cross / torch.sqrt(self_x * self_y))
+
+
+def linear_cka(X: ArrayLike, Y: ArrayLike, *, debiased: bool = False) -> float:
+    """Linear centred kernel alignment (Kornblith et al. 2019).
+
+    On column-centred X (N, d_x) and Y (N, d_y):
+        CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)
+            = HSIC(XX^T, YY^T) / sqrt(HSIC(XX^T, XX^T) HSIC(YY^T, YY^T)),
+    computed in feature space (no N x N Gram matrix; wide inputs with d > N are
+    first rotated onto N columns, which leaves every term unchanged).
+
+    Args:
+        X, Y: paired activations, N >= 2 (N >= 4 when debiased).
+        debiased: replace each HSIC by the unbiased estimator of Song et al. (2012),
+            also evaluated in feature space. Removes the upward bias of CKA when d
+            is large relative to N (independent data then score near 0).
+
+    Returns:
+        A similarity. Biased: in [0, 1]. Debiased: in [-1, 1] (the unbiased HSIC is
+        an inner product of U-centred kernels), near 0 for independent data.
+        Invariant to orthogonal transforms, isotropic scaling and shifts of either
+        X or Y; not invariant to anisotropic scaling or general invertible maps.
+    """
+    n_needed = 4 if debiased else 2
+    X, Y = _as_sample_matrices([X, Y], ["X", "Y"], measure="linear_cka", min_samples=n_needed)
+    Xc = _reduce_width(_centre_columns(X))
+    Yc = _reduce_width(_centre_columns(Y))
+    if debiased:
+        return _cka_ratio(
+            _linear_unbiased_hsic(Xc, Yc),
+            _linear_unbiased_hsic(Xc, Xc),
+            _linear_unbiased_hsic(Yc, Yc),
+            "debiased linear_cka",
+        )
+    cross = (Yc.T @ Xc).square().sum()
+    self_x = (Xc.T @ Xc).square().sum()
+    self_y = (Yc.T @ Yc).square().sum()
+    return _cka_ratio(cross, self_x, self_y, "linear_cka")
+
+
+def _median(values: Tensor) -> Tensor:
+    """Median with the two middle values averaged for even counts (as numpy does)."""
+    count = values.numel()
+    lower = torch.kthvalue(values, (count + 1) // 2).values
+    upper = torch.kthvalue(values, count // 2 + 1).values
+    return (lower + upper) / 2
+
+
+def _rbf_gram(X: Tensor, sigma_fraction: float) -> Tensor:
+    squared = _squared_distances(X)
+    median_distance = _median(_upper_triangle(squared).sqrt())
+    if float(median_distance) == 0.0:
+        raise ValueError("rbf_cka: the median distance between samples is 0 (mostly repeated rows)")
+    sigma = sigma_fraction * median_distance
+    return torch.exp(-squared / (2.0 * sigma * sigma))
+
+
+def rbf_cka(
+    X: ArrayLike, Y: ArrayLike, *, sigma_fraction: float = 1.0, debiased: bool = False
+) -> float:
+    """CKA with Gaussian (RBF) kernels.
+
+    K_ij = exp(-||x_i - x_j||^2 / (2 sigma_X^2)) with sigma_X = sigma_fraction times
+    the median distance between distinct samples of X (likewise L for Y), and
+        CKA = <HKH, HLH>_F / (||HKH||_F ||HLH||_F),  H = I - 11^T / N.
+
+    Args:
+        X, Y: paired activations, N >= 2 (N >= 4 when debiased).
+        sigma_fraction: bandwidth as a fraction of the median distance (> 0).
+        debiased: use the unbiased HSIC estimator (Song et al. 2012).
+
+    Returns:
+        A similarity in [0, 1] (debiased: in [-1, 1], near 0 for independent data).
+        Invariant to orthogonal transforms, shifts and isotropic scaling (the
+        bandwidth follows the median distance). Builds N x N matrices.
+    """
+    if not sigma_fraction > 0:
+        raise ValueError(f"rbf_cka: sigma_fraction must be > 0; got {sigma_fraction}")
+    n_needed = 4 if debiased else 2
+    X, Y = _as_sample_matrices([X, Y], ["X", "Y"], measure="rbf_cka", min_samples=n_needed)
+    K, L = _rbf_gram(X, sigma_fraction), _rbf_gram(Y, sigma_fraction)
+    if debiased:
+
+        def hsic(a: Tensor, b: Tensor) -> Tensor:
+            return _unbiased_hsic_from_parts(
+                (a * b).sum(), a.diagonal(), b.diagonal(), a.sum(dim=1), b.sum(dim=1)
+            )
+
+        return _cka_ratio(hsic(K, L), hsic(K, K), hsic(L, L), "debiased rbf_cka")
+
+    def double_centre(gram: Tensor) -> Tensor:
+        return gram - gram.mean(dim=0, keepdim=True) - gram.mean(dim=1, keepdim=True) + gram.mean()
+
+    Kc, Lc = double_centre(K), double_centre(L)
+    return _cka_ratio((Kc * Lc).sum(), Kc.square().sum(), Lc.square().sum(), "rbf_cka")
+
+
+def angular_cka_distance(X: ArrayLike, Y: ArrayLike) -> float:
+    """arccos(linear CKA): the angle between the centred Gram matrices XX^T and YY^T.
+
+    Args:
+        X, Y: paired activations (N, d_x), (N, d_y), N >= 2.
+
+    Returns:
+        A distance in [0, pi/2]; a metric on representations up to rotation,
+        isotropic scaling and shift (Williams et al. 2021): symmetric, satisfies the
+        triangle inequality, and is 0 for X, Y that differ only by those transforms.
+        Near 0 it is accurate to about 1e-7 (arccos of a value rounded near 1).
+    """
+    similarity = linear_cka(X, Y)
+    return math.acos(min(1.0, max(-1.0, similarity)))

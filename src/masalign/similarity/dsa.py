@@ -1,0 +1,484 @@
+"""Dynamical Similarity Analysis: delay embedding, HAVOK operator, Procrustes over vector fields.
+
+DSA (Ostrow et al. 2023; METHOD.md section 8) is the exception to pairing: it
+compares two dynamical systems, so each system is given as its own trials,
+``(trials, T, d)`` or a list of ``(T_i, d)`` arrays, and the two systems need not
+share trials, lengths or widths.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import numpy as np
+import scipy.optimize
+import scipy.sparse
+import torch
+from torch import Tensor
+
+from ._common import ArrayLike, _check_choice, _common_device, _to_tensor
+
+DSAScoreMethod = Literal["angular", "euclidean", "wasserstein"]
+DSA_SCORE_METHODS: tuple[DSAScoreMethod, ...] = get_args(DSAScoreMethod)
+
+
+def _as_trials(data: ArrayLike | Sequence[ArrayLike], name: str) -> list[Tensor]:
+    """Boundary check for one dynamical system's trials: a list of (T_i, d) tensors.
+
+    Accepts (trials, T, d), a single (T, d) trajectory, or a sequence of (T_i, d)
+    arrays of possibly different lengths T_i (same d).
+    """
+    if isinstance(data, (np.ndarray, Tensor)):
+        if data.ndim == 3:
+            pieces: Sequence[ArrayLike] = list(data)
+        elif data.ndim == 2:
+            pieces = [data]
+        else:
+            raise ValueError(
+                f"{name} must be (trials, time, features), (time, features) or a list of "
+                f"(time, features) arrays; got shape {tuple(data.shape)}"
+            )
+    else:
+        pieces = list(data)
+    if not pieces:
+        raise ValueError(f"{name} contains no trials")
+    device = _common_device(pieces, [f"{name}[{i}]" for i in range(len(pieces))])
+    trials = [_to_tensor(p, f"{name}[{i}]", device) for i, p in enumerate(pieces)]
+    for i, trial in enumerate(trials):
+        if trial.ndim != 2:
+            raise ValueError(f"{name}[{i}] must be (time, features); got shape {tuple(trial.shape)}")
+    widths = {t.shape[1] for t in trials}
+    if len(widths) > 1:
+        raise ValueError(f"all trials of {name} must have the same number of features; got {sorted(widths)}")
+    dtype = trials[0].dtype
+    for trial in trials[1:]:
+        dtype = torch.promote_types(dtype, trial.dtype)
+    return [t.to(dtype) for t in trials]
+
+
+def delay_embed(trajectory: ArrayLike, n_delays: int, delay_interval: int = 1) -> Tensor:
+    """Hankel (delay) embedding of one trajectory.
+
+    Row t is [x_{t + (n_delays-1) tau}, ..., x_{t + tau}, x_t] (most recent first,
+    the DSA package's order), tau = delay_interval.
+
+    Args:
+        trajectory: (T, d) states over time.
+        n_delays: number of delayed copies (>= 1; 1 = no embedding).
+        delay_interval: time steps between copies (>= 1).
+
+    Returns:
+        (T - (n_delays - 1) * delay_interval, n_delays * d) tensor.
+    """
+    (trial,) = _as_trials([trajectory], "trajectory")
+    return _delay_embed_tensor(trial, n_delays, delay_interval)
+
+
+def _delay_embed_tensor(trial: Tensor, n_delays: int, delay_interval: int) -> Tensor:
+    if n_delays < 1 or delay_interval < 1:
+        raise ValueError(
+            f"n_delays and delay_interval must be >= 1; got {n_delays} and {delay_interval}"
+        )
+    span = (n_delays - 1) * delay_interval
+    n_rows = trial.shape[0] - span
+    if n_rows < 2:
+        raise ValueError(
+            f"a trajectory of {trial.shape[0]} time steps is too short for {n_delays} delays "
+            f"at interval {delay_interval}: needs at least {span + 2}"
+        )
+    blocks = [
+        trial[(n_delays - 1 - k) * delay_interval : (n_delays - 1 - k) * delay_interval + n_rows]
+        for k in range(n_delays)
+    ]
+    return torch.cat(blocks, dim=1)
+
+
+def havok_operator(
+    trajectories: ArrayLike | Sequence[ArrayLike],
+    n_delays: int,
+    delay_interval: int = 1,
+    rank: int | None = None,
+    ridge: float = 0.0,
+) -> Tensor:
+    """Linear operator of Hankel DMD / HAVOK (principal component regression), as in DSA.
+
+    Each trial is delay-embedded (:func:`delay_embed`); the embeddings of all trials
+    are stacked into H (M, n_delays * d) and decomposed H = U S V^T. The first
+    ``rank`` columns of U are the eigen-time-delay coordinates z_t (unit-norm
+    columns, not centred, as in the DSA package). The operator A (rank, rank) is
+    the ridge least-squares fit of z_{t+1} = A z_t over consecutive steps within
+    each trial:
+        A^T = (Z_-^T Z_- + ridge I)^{-1} Z_-^T Z_+.
+    A is defined up to the sign of each coordinate (A -> D A D, D = diag(+-1)),
+    which orthogonal similarity measures ignore.
+
+    Args:
+        trajectories: (trials, T, d), (T, d), or a list of (T_i, d) arrays.
+        n_delays, delay_interval: see :func:`delay_embed`.
+        rank: number of SVD components kept (None = all, min(M, n_delays * d)).
+        ridge: ridge penalty >= 0 on the scale of the unit-norm coordinates.
+
+    Returns:
+        (rank, rank) tensor in the trajectories' dtype and device.
+    """
+    return _havok_from_trials(
+        _as_trials(trajectories, "trajectories"), n_delays, delay_interval, rank, ridge
+    )
+
+
+def _havok_from_trials(
+    trials: list[Tensor], n_delays: int, delay_interval: int, rank: int | None, ridge: float
+) -> Tensor:
+    if ridge < 0:
+        raise ValueError(f"havok_operator: ridge must be >= 0; got {ridge}")
+    embedded = [_delay_embed_tensor(t, n_delays, delay_interval) for t in trials]
+    hankel = torch.cat(embedded, dim=0)
+    max_rank = min(hankel.shape)
+    if rank is None:
+        rank = max_rank
+    if not 1 <= rank <= max_rank:
+        raise ValueError(
+            f"havok_operator: rank must be in [1, {max_rank}] for a Hankel matrix of shape "
+            f"{tuple(hankel.shape)}; got {rank}"
+        )
+    time_coordinates = torch.linalg.svd(hankel, full_matrices=False).U[:, :rank]
+    per_trial = torch.split(time_coordinates, [e.shape[0] for e in embedded], dim=0)
+    before = torch.cat([z[:-1] for z in per_trial], dim=0)
+    after = torch.cat([z[1:] for z in per_trial], dim=0)
+    gram = before.T @ before + ridge * torch.eye(rank, dtype=before.dtype, device=before.device)
+    return torch.linalg.solve(gram, before.T @ after).T
+
+
+def _as_square_operators(A: ArrayLike, B: ArrayLike, measure: str) -> list[Tensor]:
+    """Boundary check for two linear operators: square, finite, one device and dtype."""
+    device = _common_device([A, B], ["A", "B"])
+    operators = [_to_tensor(A, f"{measure}: A", device), _to_tensor(B, f"{measure}: B", device)]
+    for operator, name in zip(operators, ("A", "B"), strict=True):
+        if operator.ndim != 2 or operator.shape[0] != operator.shape[1] or operator.shape[0] == 0:
+            raise ValueError(f"{measure}: {name} must be a square (r, r) matrix; got shape {tuple(operator.shape)}")
+    dtype = torch.promote_types(operators[0].dtype, operators[1].dtype)
+    return [operator.to(dtype) for operator in operators]
+
+
+@dataclass(frozen=True)
+class OperatorAlignment:
+    """Result of :func:`align_operators`.
+
+    Attributes:
+        orthogonal: (r, r) orthogonal C found for A ~ C B C^T (det +1 or -1).
+        euclidean: ||A - C B C^T||_F (not squared, not normalised).
+        angular: arccos(<A, C B C^T>_F / (||A||_F ||B||_F)), in [0, pi].
+    """
+
+    orthogonal: Tensor
+    euclidean: float
+    angular: float
+
+
+def _random_orthogonal(size: int, count: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """Haar-random orthogonal matrices (count, size, size), determinants alternating +1, -1."""
+    gaussian = torch.randn(count, size, size, generator=generator, dtype=dtype)
+    q, r = torch.linalg.qr(gaussian)
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    wanted = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(count)], dtype=dtype)
+    flip = torch.sign(torch.linalg.det(q)) != wanted
+    q[flip, :, 0] = -q[flip, :, 0]
+    return q
+
+
+def _paired_basis_starts(a: Tensor, b: Tensor, basis_a: Tensor, basis_b: Tensor) -> Tensor:
+    """Two starts C = U_a D U_b^T from orthonormal bases paired column by column.
+
+    The signs D = diag(d), d_i = +-1, should maximise <a, C b C^T> = d^T P d with
+    P = (U_a^T a U_a) * (U_b^T b U_b) (elementwise): each column's sign is fixed in
+    turn, most strongly coupled first, to agree with the signs already fixed, then
+    single flips polish the result. The second start flips the cheapest sign, so
+    the two starts lie in the two components of O(r) (det +1 and det -1).
+    """
+    coupling = (basis_a.T @ a @ basis_a) * (basis_b.T @ b @ basis_b)
+    coupling = (coupling + coupling.T) / 2
+    coupling = coupling - torch.diag(torch.diagonal(coupling))
+    size = a.shape[0]
+    signs = torch.zeros(size, dtype=a.dtype, device=a.device)
+    # field[i] = sum_j P_ij d_j over the signs fixed so far (unfixed d_j are 0).
+    field = torch.zeros(size, dtype=a.dtype, device=a.device)
+    unfixed = torch.ones(size, dtype=torch.bool, device=a.device)
+    next_index = int(torch.argmax(coupling.abs().sum(dim=1)))
+    for _ in range(size):
+        sign = 1.0 if float(field[next_index]) >= 0 else -1.0
+        signs[next_index] = sign
+        unfixed[next_index] = False
+        field = field + sign * coupling[:, next_index]
+        if not bool(unfixed.any()):
+            break
+        strength = torch.where(unfixed, field.abs(), torch.full_like(field, -1.0))
+        next_index = int(torch.argmax(strength))
+    for _ in range(4 * size):
+        # Flipping sign i changes the objective by -4 d_i sum_{j != i} P_ij d_j.
+        gains = -4.0 * signs * (coupling @ signs)
+        best = int(torch.argmax(gains))
+        if float(gains[best]) <= 1e-12:
+            break
+        signs[best] = -signs[best]
+    gains = -4.0 * signs * (coupling @ signs)
+    other_component = signs.clone()
+    cheapest = int(torch.argmax(gains))
+    other_component[cheapest] = -other_component[cheapest]
+    return torch.stack([basis_a @ torch.diag(d) @ basis_b.T for d in (signs, other_component)])
+
+
+def _eigenbasis_starts(a: Tensor, b: Tensor) -> Tensor:
+    """Six starts pairing the sorted eigenvectors of symmetric forms of a and b.
+
+    The forms sym(M) = (M + M^T)/2, M^T M and M M^T are equivariant: for
+    b = Q a Q^T each form of b is Q (form of a) Q^T, so pairing sorted eigenvectors
+    (with the right signs) recovers C = Q^T exactly when the eigenvalues are
+    distinct. For symmetric operators the sym-form start is the exact optimum
+    (Hoffman-Wielandt); the other forms cover operators whose symmetric part is
+    degenerate (e.g. normal operators, rotations). Returns (6, r, r).
+    """
+    starts = []
+    for form_a, form_b in (((a + a.T) / 2, (b + b.T) / 2), (a.T @ a, b.T @ b), (a @ a.T, b @ b.T)):
+        basis_a = torch.linalg.eigh(form_a).eigenvectors
+        basis_b = torch.linalg.eigh(form_b).eigenvectors
+        starts.append(_paired_basis_starts(a, b, basis_a, basis_b))
+    return torch.cat(starts, dim=0)
+
+
+def align_operators(
+    A: ArrayLike,
+    B: ArrayLike,
+    *,
+    iters: int = 500,
+    lr: float = 0.1,
+    n_restarts: int = 4,
+    seed: int = 0,
+) -> OperatorAlignment:
+    """Procrustes analysis over vector fields: min over orthogonal C of ||A - C B C^T||_F.
+
+    Equivalently maximises <A, C B C^T>_F. C ranges over the whole orthogonal group
+    O(r), rotations and reflections (det +1 and -1). The search runs from the
+    identity, from a reflection, from pairings of the sorted eigenvectors of
+    sym(A), A^T A and A A^T with those of B, in both components (these recover C
+    exactly for conjugate operators with distinct eigenvalues), and from
+    ``n_restarts`` Haar-random orthogonal matrices of alternating determinant.
+    All starts are optimised together by Riemannian Adam on O(r): the gradient is
+    mapped to the Lie algebra (skew-symmetric matrices), Adam-scaled there and
+    applied by the Cayley retraction, so C stays exactly orthogonal; the step
+    size follows a cosine decay from ``lr`` to 0. The best iterate over all starts
+    is returned. The objective is nonconvex, so the result is an upper bound on the
+    true minimum; it is exact for symmetric A and B, where the optimum pairs sorted
+    eigenvalues: min = ||sort eig(A) - sort eig(B)||_2.
+
+    Args:
+        A, B: (r, r) operators of the same size.
+        iters: optimisation steps per start.
+        lr: initial step size in radians (the objective is normalised by ||A|| ||B||).
+        n_restarts: number of random starts, in addition to the eight fixed ones.
+        seed: seed of the random starts.
+
+    Returns:
+        :class:`OperatorAlignment` with C, the Euclidean distance (in [0, ||A|| + ||B||],
+        0 iff A and B are orthogonally conjugate) and the angular distance (in
+        [0, pi]). Both are invariant to orthogonal conjugation of A or B; the
+        angular one also to scaling either operator.
+    """
+    if iters < 0 or n_restarts < 0 or not lr > 0:
+        raise ValueError(
+            f"align_operators: need iters >= 0, n_restarts >= 0 and lr > 0; got {iters}, {n_restarts}, {lr}"
+        )
+    A_t, B_t = _as_square_operators(A, B, "align_operators")
+    if A_t.shape != B_t.shape:
+        raise ValueError(
+            f"align_operators: A and B must have the same size; got {tuple(A_t.shape)} and {tuple(B_t.shape)}"
+        )
+    norm_a, norm_b = torch.linalg.matrix_norm(A_t), torch.linalg.matrix_norm(B_t)
+    if float(norm_a) == 0.0 or float(norm_b) == 0.0:
+        raise ValueError("align_operators: A and B must be nonzero")
+    # Working on unit-norm copies makes lr mean the same thing for every pair.
+    a, b = A_t / norm_a, B_t / norm_b
+    size, dtype, device = a.shape[0], a.dtype, a.device
+    identity = torch.eye(size, dtype=dtype, device=device)
+    reflection = identity.clone()
+    reflection[-1, -1] = -1.0
+    generator = torch.Generator().manual_seed(seed)
+    starts = [identity[None], reflection[None], _eigenbasis_starts(a, b)]
+    if n_restarts > 0:
+        starts.append(_random_orthogonal(size, n_restarts, generator, dtype).to(device))
+    C = torch.cat(starts, dim=0)
+
+    first_moment = torch.zeros_like(C)
+    second_moment = torch.zeros_like(C)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    # Adam keeps stepping near an optimum, so keep each start's best iterate.
+    best_C = C.clone()
+    best_inner = torch.full((C.shape[0],), -math.inf, dtype=dtype, device=device)
+    for step in range(1, iters + 2):
+        # f(C) = <a, C b C^T> = <C^T a C, b>; its Riemannian gradient at C, written in
+        # the Lie algebra (C Omega), is Omega = skew(a_C b^T + a_C^T b), a_C = C^T a C.
+        a_in_frame = C.transpose(-1, -2) @ a @ C
+        inner = (a_in_frame * b).sum(dim=(-2, -1))
+        improved = inner > best_inner
+        best_inner = torch.where(improved, inner, best_inner)
+        best_C = torch.where(improved[:, None, None], C, best_C)
+        if step == iters + 1:
+            break
+        euclidean_part = a_in_frame @ b.T + a_in_frame.transpose(-1, -2) @ b
+        omega = (euclidean_part - euclidean_part.transpose(-1, -2)) / 2
+        first_moment = beta1 * first_moment + (1 - beta1) * omega
+        second_moment = beta2 * second_moment + (1 - beta2) * omega.square()
+        # Elementwise Adam keeps the step skew-symmetric (|omega_ij| = |omega_ji|).
+        direction = (first_moment / (1 - beta1**step)) / (
+            (second_moment / (1 - beta2**step)).sqrt() + eps
+        )
+        step_size = 0.5 * lr * (1 + math.cos(math.pi * (step - 1) / iters))
+        half_step = 0.5 * step_size * direction
+        # Cayley retraction (ascent): C <- C (I - W/2)^{-1} (I + W/2), exactly orthogonal.
+        C = C @ torch.linalg.solve(identity - half_step, identity + half_step)
+
+    best = int(torch.argmax(best_inner))
+    # One polar step removes rounding drift accumulated over the Cayley updates.
+    u, _, vh = torch.linalg.svd(best_C[best])
+    orthogonal = u @ vh
+    aligned_b = orthogonal @ B_t @ orthogonal.T
+    cosine = float((A_t * aligned_b).sum() / (norm_a * norm_b))
+    return OperatorAlignment(
+        orthogonal=orthogonal,
+        euclidean=float(torch.linalg.matrix_norm(A_t - aligned_b)),
+        angular=math.acos(min(1.0, max(-1.0, cosine))),
+    )
+
+
+def spectral_wasserstein_distance(A: ArrayLike, B: ArrayLike) -> float:
+    """2-Wasserstein distance between the eigenvalue spectra of two operators.
+
+    Each spectrum is the uniform distribution over the eigenvalues of the operator,
+    seen as points (Re, Im) in the plane:
+        W_2 = (min over couplings sum_ij P_ij |lambda_i - mu_j|^2)^{1/2}.
+    With equal counts the optimal coupling is a matching (scipy's
+    linear_sum_assignment); otherwise the transport linear program is solved.
+
+    Args:
+        A: (r_a, r_a) operator. B: (r_b, r_b) operator (sizes may differ).
+
+    Returns:
+        A distance in [0, inf), in the units of the eigenvalues (not squared; the
+        DSA package's "wasserstein" score is this squared). Invariant to any
+        similarity transform (invertible conjugation) of A or B.
+    """
+    spectra = []
+    for operator in _as_square_operators(A, B, "spectral_wasserstein_distance"):
+        eigenvalues = torch.linalg.eigvals(operator).cpu().numpy()
+        spectra.append(np.stack([eigenvalues.real, eigenvalues.imag], axis=1))
+    points_a, points_b = spectra
+    cost = ((points_a[:, None, :] - points_b[None, :, :]) ** 2).sum(axis=-1)
+    count_a, count_b = cost.shape
+    if count_a == count_b:
+        rows, cols = scipy.optimize.linear_sum_assignment(cost)
+        return math.sqrt(float(cost[rows, cols].mean()))
+    # Transport plan P >= 0 with row sums 1/count_a and column sums 1/count_b.
+    row_constraints = scipy.sparse.kron(scipy.sparse.eye(count_a), np.ones((1, count_b)))
+    col_constraints = scipy.sparse.kron(np.ones((1, count_a)), scipy.sparse.eye(count_b))
+    solution = scipy.optimize.linprog(
+        cost.ravel(),
+        A_eq=scipy.sparse.vstack([row_constraints, col_constraints]).tocsc(),
+        b_eq=np.concatenate([np.full(count_a, 1.0 / count_a), np.full(count_b, 1.0 / count_b)]),
+        bounds=(0, None),
+        method="highs",
+    )
+    if not solution.success:
+        raise RuntimeError(f"spectral_wasserstein_distance: transport LP failed ({solution.message})")
+    return math.sqrt(max(0.0, float(solution.fun)))
+
+
+class DSA:
+    """Dynamical Similarity Analysis (Ostrow et al. 2023).
+
+    Fits a HAVOK operator to each system's delay-embedded trajectories
+    (:func:`havok_operator`) and compares the two operators A_x, A_y:
+        * ``"angular"``:   arccos(max_C <A_x, C A_y C^T> / (||A_x|| ||A_y||)), in [0, pi];
+        * ``"euclidean"``: min_C ||A_x - C A_y C^T||_F, in [0, inf);
+        * ``"wasserstein"``: W_2 between the eigenvalue spectra, in [0, inf).
+    C ranges over all orthogonal matrices (:func:`align_operators`). All three are
+    distances, 0 for systems whose operators are orthogonally conjugate (same
+    dynamics, rotated or reflected state space); the Wasserstein form is also 0
+    for any invertible conjugation.
+
+    The two systems are not paired: each is given as its own trials,
+    ``(trials, T, d)``, ``(T, d)`` or a list of ``(T_i, d)`` arrays; trial counts,
+    lengths and widths may differ between X and Y. The Procrustes scores need
+    operators of equal size, so ``rank`` must be set (or both embeddings must have
+    the same width) for them.
+
+    Usage: ``DSA(n_delays=10, rank=20).score(X, Y)``; after ``fit(X, Y)`` the
+    operators, the alignment and the distance are in ``operator_x_``,
+    ``operator_y_``, ``alignment_`` (None for "wasserstein") and ``distance_``.
+
+    Args:
+        n_delays, delay_interval: delay embedding (:func:`delay_embed`).
+        rank: HAVOK rank (:func:`havok_operator`); None keeps all components.
+        ridge: ridge penalty of the operator fit.
+        score_method: "angular", "euclidean" or "wasserstein".
+        iters, lr, n_restarts, seed: optimiser settings (:func:`align_operators`).
+    """
+
+    def __init__(
+        self,
+        n_delays: int = 10,
+        delay_interval: int = 1,
+        rank: int | None = None,
+        ridge: float = 0.0,
+        score_method: DSAScoreMethod = "angular",
+        iters: int = 500,
+        lr: float = 0.1,
+        n_restarts: int = 4,
+        seed: int = 0,
+    ) -> None:
+        _check_choice(score_method, DSA_SCORE_METHODS, "score_method")
+        self.n_delays = n_delays
+        self.delay_interval = delay_interval
+        self.rank = rank
+        self.ridge = ridge
+        self.score_method = score_method
+        self.iters = iters
+        self.lr = lr
+        self.n_restarts = n_restarts
+        self.seed = seed
+
+    def fit(
+        self, X: ArrayLike | Sequence[ArrayLike], Y: ArrayLike | Sequence[ArrayLike]
+    ) -> DSA:
+        """Fit both operators and compare them; returns self (see class docstring)."""
+        trials_x, trials_y = _as_trials(X, "X"), _as_trials(Y, "Y")
+        self.operator_x_ = _havok_from_trials(trials_x, self.n_delays, self.delay_interval, self.rank, self.ridge)
+        self.operator_y_ = _havok_from_trials(trials_y, self.n_delays, self.delay_interval, self.rank, self.ridge)
+        if self.score_method == "wasserstein":
+            self.alignment_: OperatorAlignment | None = None
+            self.distance_ = spectral_wasserstein_distance(self.operator_x_, self.operator_y_)
+            return self
+        if self.operator_x_.shape != self.operator_y_.shape:
+            raise ValueError(
+                f"DSA: operators have different sizes {tuple(self.operator_x_.shape)} and "
+                f"{tuple(self.operator_y_.shape)}; set rank, or use score_method='wasserstein'"
+            )
+        self.alignment_ = align_operators(
+            self.operator_x_,
+            self.operator_y_,
+            iters=self.iters,
+            lr=self.lr,
+            n_restarts=self.n_restarts,
+            seed=self.seed,
+        )
+        self.distance_ = (
+            self.alignment_.angular if self.score_method == "angular" else self.alignment_.euclidean
+        )
+        return self
+
+    def score(
+        self, X: ArrayLike | Sequence[ArrayLike], Y: ArrayLike | Sequence[ArrayLike]
+    ) -> float:
+        """DSA distance between systems X and Y: ``self.fit(X, Y).distance_``."""
+        return self.fit(X, Y).distance_

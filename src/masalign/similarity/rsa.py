@@ -1,0 +1,150 @@
+"""Representational similarity analysis: RDMs and their comparison (METHOD.md section 8)."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import numpy as np
+import scipy.stats
+import torch
+from torch import Tensor
+
+from ._common import ArrayLike, _as_sample_matrices, _check_choice, _squared_distances, _upper_triangle
+
+RDMMetric = Literal["correlation", "cosine", "euclidean", "sqeuclidean"]
+RDMComparison = Literal["spearman", "pearson", "kendall", "cosine"]
+RDM_METRICS: tuple[RDMMetric, ...] = get_args(RDMMetric)
+RDM_COMPARISONS: tuple[RDMComparison, ...] = get_args(RDMComparison)
+
+
+def rdm(X: ArrayLike, metric: RDMMetric = "correlation") -> Tensor:
+    """Representational dissimilarity matrix between the samples (rows) of X.
+
+    Args:
+        X: (N, d) activations, samples as rows.
+        metric: dissimilarity between rows x_i, x_j:
+            * ``"correlation"``: 1 - Pearson(x_i, x_j), in [0, 2]; invariant to
+              per-row shift and scale. Rows must not be constant.
+            * ``"cosine"``: 1 - <x_i, x_j> / (||x_i|| ||x_j||), in [0, 2]; invariant
+              to per-row scale. Rows must not be zero.
+            * ``"euclidean"``: ||x_i - x_j||, in [0, inf).
+            * ``"sqeuclidean"``: ||x_i - x_j||^2, in [0, inf). (rsatoolbox's
+              "euclidean" is this divided by d.)
+            Both Euclidean forms are invariant to rotation and shift of the features.
+
+    Returns:
+        (N, N) symmetric tensor with zero diagonal, in X's dtype and device.
+    """
+    _check_choice(metric, RDM_METRICS, "RDM metric")
+    (X,) = _as_sample_matrices([X], ["X"], measure="rdm", min_samples=2)
+    if metric in ("correlation", "cosine"):
+        rows = X - X.mean(dim=1, keepdim=True) if metric == "correlation" else X
+        norms = torch.linalg.vector_norm(rows, dim=1)
+        degenerate = int((norms == 0).sum())
+        if degenerate:
+            kind = "constant" if metric == "correlation" else "all-zero"
+            raise ValueError(
+                f"rdm(metric={metric!r}) is undefined for {kind} rows; X has {degenerate} such rows"
+            )
+        unit_rows = rows / norms[:, None]
+        dissimilarity = 1.0 - unit_rows @ unit_rows.T
+        dissimilarity = 0.5 * (dissimilarity + dissimilarity.T)
+        dissimilarity.fill_diagonal_(0.0)
+        return dissimilarity
+    if metric == "sqeuclidean":
+        return _squared_distances(X)
+    return _squared_distances(X).sqrt()  # "euclidean"
+
+
+def _average_ranks(values: Tensor) -> Tensor:
+    """Ranks 1..n with ties given their average rank (scipy.stats.rankdata 'average')."""
+    # Tied values form one group whatever their order, so an unstable sort is fine.
+    sorted_values, order = torch.sort(values)
+    _, group_of_sorted, group_sizes = torch.unique_consecutive(
+        sorted_values, return_inverse=True, return_counts=True
+    )
+    group_last = torch.cumsum(group_sizes, dim=0).to(values.dtype)
+    group_mean_rank = group_last - (group_sizes.to(values.dtype) - 1) / 2
+    return torch.empty_like(values).scatter_(0, order, group_mean_rank[group_of_sorted])
+
+
+def _cosine(u: Tensor, v: Tensor) -> float:
+    norms = torch.linalg.vector_norm(u) * torch.linalg.vector_norm(v)
+    if float(norms) == 0.0:
+        raise ValueError("cosine is undefined for an all-zero dissimilarity vector")
+    return float((u @ v) / norms)
+
+
+def _pearson(u: Tensor, v: Tensor) -> float:
+    u = u - u.mean()
+    v = v - v.mean()
+    if float(torch.linalg.vector_norm(u)) == 0.0 or float(torch.linalg.vector_norm(v)) == 0.0:
+        raise ValueError(
+            "correlation is undefined: one RDM has all off-diagonal dissimilarities equal"
+        )
+    return _cosine(u, v)
+
+
+def compare_rdms(rdm_x: ArrayLike, rdm_y: ArrayLike, method: RDMComparison = "spearman") -> float:
+    """Similarity of two RDMs over their upper triangles (diagonal excluded).
+
+    Args:
+        rdm_x, rdm_y: (N, N) dissimilarity matrices over the same N samples, N >= 3.
+        method:
+            * ``"spearman"``: Pearson correlation of the average ranks, in [-1, 1].
+            * ``"pearson"``: Pearson correlation, in [-1, 1].
+            * ``"kendall"``: Kendall tau-b (ties corrected; scipy.stats.kendalltau,
+              computed on CPU in O(M log M) for M = N(N-1)/2 pairs), in [-1, 1].
+              Equal to tau-a when there are no ties.
+            * ``"cosine"``: <u, v> / (||u|| ||v||) of the raw vectors, in [-1, 1]
+              (in [0, 1] for non-negative dissimilarities).
+
+    Returns:
+        A similarity (1 = identical ordering/shape). Rank measures are invariant
+        to any increasing transform of either RDM; Pearson to positive affine
+        transforms; cosine to positive scaling.
+    """
+    _check_choice(method, RDM_COMPARISONS, "RDM comparison")
+    rdm_x, rdm_y = _as_sample_matrices(
+        [rdm_x, rdm_y], ["rdm_x", "rdm_y"], measure="compare_rdms", min_samples=3
+    )
+    for matrix, name in ((rdm_x, "rdm_x"), (rdm_y, "rdm_y")):
+        if matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"compare_rdms: {name} must be square (N, N); got {tuple(matrix.shape)}")
+    u, v = _upper_triangle(rdm_x), _upper_triangle(rdm_y)
+    if method == "pearson":
+        return _pearson(u, v)
+    if method == "spearman":
+        return _pearson(_average_ranks(u), _average_ranks(v))
+    if method == "cosine":
+        return _cosine(u, v)
+    # Kendall tau-b: scipy's O(M log M) algorithm, on CPU.
+    u_np, v_np = u.cpu().numpy(), v.cpu().numpy()
+    if np.ptp(u_np) == 0 or np.ptp(v_np) == 0:
+        raise ValueError("Kendall tau is undefined: one RDM has all off-diagonal dissimilarities equal")
+    return float(scipy.stats.kendalltau(u_np, v_np).statistic)
+
+
+def rsa(
+    X: ArrayLike,
+    Y: ArrayLike,
+    *,
+    metric: RDMMetric = "correlation",
+    comparison: RDMComparison = "spearman",
+) -> float:
+    """Representational similarity analysis: ``compare_rdms(rdm(X, metric), rdm(Y, metric), comparison)``.
+
+    Args:
+        X: (N, d_x) activations; Y: (N, d_y) activations of the same N inputs, N >= 3.
+        metric, comparison: see :func:`rdm` and :func:`compare_rdms`.
+
+    Returns:
+        A similarity in [-1, 1] (1 = same dissimilarity structure). Invariances are
+        those of the RDM metric (e.g. rotation, shift and isotropic scaling of the
+        features for "euclidean"; per-row shift and scale for "correlation")
+        combined with those of the comparison. Builds two N x N matrices.
+    """
+    _check_choice(metric, RDM_METRICS, "RDM metric")
+    _check_choice(comparison, RDM_COMPARISONS, "RDM comparison")
+    X, Y = _as_sample_matrices([X, Y], ["X", "Y"], measure="rsa", min_samples=3)
+    return compare_rdms(rdm(X, metric), rdm(Y, metric), comparison)
