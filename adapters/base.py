@@ -26,19 +26,25 @@ signature serves position-indexed models (all rows at once) and recurrent ones
     hidden: (n_rows, width); example_index, slot_index: (n_rows,) long
 
 The shared pieces, so that every backend checks and patches the same way:
-:func:`check_positions` (shape, range, repeated positions, padding under an
-attention mask); :func:`gather_rows` and :func:`replace_rows` (read and
-out-of-place write of a position-indexed ``(batch, seq, *features)`` activation);
-:class:`RowReplacementHook` (``replace_rows`` for a hook that must fire once,
-with :func:`refuse_inference_weights` and a check that the gradient reached the
-logits); :func:`logits_from_output`.
+:func:`check_inputs` (token ids inside the vocabulary, the context length, the
+attention mask's shape, and the positions through :func:`check_positions`:
+shape, range, repeats, padding), each error naming the row of ``inputs`` at
+fault, so that an adapter's ``check_inputs(inputs, positions)`` on a whole
+dataset names the dataset's row; :func:`gather_rows` and :func:`replace_rows`
+(read and out-of-place write of a position-indexed ``(batch, seq, *features)``
+activation); :class:`ObservedReplacement` (``replace`` with its result checked,
+:func:`refuse_inference_weights`, and a check that the gradient reached the
+logits) and :class:`RowReplacementHook` (``replace_rows`` for a hook that must
+fire once); :func:`probing` (eval mode and no gradient for a probing run, every
+module's flag restored); :func:`logits_from_output`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol, Union, runtime_checkable
 
 import torch
@@ -172,6 +178,117 @@ def check_positions_for(inputs: Tensor, positions: Tensor, attention_mask: Tenso
     return check_positions(positions, inputs.shape[0], seq_len, attention_mask=attention_mask)
 
 
+# -- inputs: token ids, context length, attention mask ---------------------------------------
+
+TOKEN_KEYS = ("input_ids", "input", "tokens", "inputs_embeds")
+
+
+def tokens_and_mask(inputs: ModelInputs) -> tuple[Tensor, Tensor | None]:
+    """The ``(batch, seq, ...)`` input tensor of ``inputs`` and its ``attention_mask`` (any shape), if any.
+
+    The tensor is the one under the first of :data:`TOKEN_KEYS` present, else a
+    mapping's first tensor.
+    """
+    if isinstance(inputs, Tensor):
+        return inputs, None
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise TypeError(f"inputs must be a tensor or a non-empty mapping of tensors, got {type(inputs).__name__}")
+    key = next((k for k in TOKEN_KEYS if k in inputs), next(iter(inputs)))
+    mask = inputs.get("attention_mask")
+    return inputs[key], mask if isinstance(mask, Tensor) else None
+
+
+def check_attention_mask(tokens: Tensor, attention_mask: Tensor | None, model_name: str = "model") -> None:
+    """Raise unless the mask is ``(batch, seq)`` like the tokens, or ``(batch, *, seq, seq)``."""
+    if attention_mask is None:
+        return
+    batch, seq_len = tokens.shape[0], tokens.shape[1] if tokens.dim() > 1 else 0
+    shape = tuple(attention_mask.shape)
+    if shape == (batch, seq_len):
+        return
+    if len(shape) == 4 and shape[0] == batch and shape[2:] == (seq_len, seq_len):
+        return
+    raise ValueError(
+        f"{model_name}: attention_mask has shape {shape} but the tokens have shape {tuple(tokens.shape[:2])}; "
+        f"the mask needs one entry per token, (batch, seq) = {(batch, seq_len)} (1 for a real token, 0 for "
+        "padding); build it with the same tokenizer call and padding as the tokens"
+    )
+
+
+def check_token_ids(tokens: Tensor, vocab_size: int | None, model_name: str = "model") -> None:
+    """Raise if an integer token id is negative or ``>= vocab_size``, naming its row and position."""
+    if vocab_size is None or tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.numel() == 0:
+        return
+    outside = (tokens < 0) | (tokens >= vocab_size)
+    if not bool(outside.any()):
+        return
+    where = outside.nonzero()[0].tolist()
+    rows = outside.reshape(outside.shape[0], -1).any(1).nonzero().flatten().tolist()
+    listed = ", ".join(map(str, rows[:10])) + (f", ... ({len(rows)} rows in all)" if len(rows) > 10 else "")
+    at = f"row {where[0]}, position {where[1]}" if len(where) > 1 else f"row {where[0]}"
+    raise ValueError(
+        f"{model_name}: token id {int(tokens[tuple(where)])} at {at} is outside the model's vocabulary of "
+        f"{vocab_size} token ids (0..{vocab_size - 1}); rows with such ids: {listed}. Encode the inputs with the "
+        "model's own tokenizer or vocabulary (and pad with an id inside it)"
+    )
+
+
+def check_context_length(
+    tokens: Tensor, n_ctx: int | None, model_name: str = "model", attention_mask: Tensor | None = None
+) -> None:
+    """Raise if the inputs are longer than the model's context of ``n_ctx`` positions."""
+    seq_len = tokens.shape[1] if tokens.dim() > 1 else 0
+    if n_ctx is None or seq_len <= n_ctx:
+        return
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == tokens.shape[:2]:
+        lengths = attention_mask.bool().sum(1)
+    else:
+        lengths = torch.full((tokens.shape[0],), seq_len)
+    longest = int(lengths.argmax())
+    raise ValueError(
+        f"{model_name}: the inputs are {seq_len} positions long (row {longest} has {int(lengths[longest])} tokens) "
+        f"but the model's context holds {n_ctx} positions; shorten the prompts to at most {n_ctx} tokens "
+        "(truncate them, or drop the longer rows), and remove padding beyond that"
+    )
+
+
+def check_inputs(
+    inputs: ModelInputs,
+    positions: Tensor | None = None,
+    vocab_size: int | None = None,
+    n_ctx: int | None = None,
+    model_name: str = "model",
+) -> Tensor | None:
+    """Every input check, on every row; returns the checked positions (long) or ``None``.
+
+    Errors name the row of ``inputs`` at fault: called on a whole dataset, the
+    dataset's row.
+    """
+    tokens, attention_mask = tokens_and_mask(inputs)
+    check_attention_mask(tokens, attention_mask, model_name)
+    check_token_ids(tokens, vocab_size, model_name)
+    check_context_length(tokens, n_ctx, model_name, attention_mask)
+    if positions is None:
+        return None
+    return check_positions_for(tokens, positions, attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None)
+
+
+@contextlib.contextmanager
+def probing(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradient for a run that only looks at shapes; each module's mode restored.
+
+    Eval mode keeps the run from changing the model (batch-norm statistics).
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 # -- rows at positions: the read and the out-of-place write of position-indexed sites ---------
 
 
@@ -211,63 +328,74 @@ def replace_rows(activation: Tensor, positions: Tensor, replace: Replacement, si
     example_index, slot_index, flat_positions = row_index(activation, positions, site)
     rows = activation[example_index, flat_positions]
     width = math.prod(rows.shape[1:])
-    new_rows = replace(rows.reshape(rows.shape[0], width), example_index, slot_index)
-    if not isinstance(new_rows, Tensor) or tuple(new_rows.shape) != (rows.shape[0], width):
+    flat_rows = rows.reshape(rows.shape[0], width)
+    new_rows = checked_rows(replace(flat_rows, example_index, slot_index), flat_rows, site)
+    return activation.index_put((example_index, flat_positions), new_rows.reshape(rows.shape))
+
+
+def checked_rows(new_rows: Any, rows: Tensor, site: str) -> Tensor:
+    """``replace``'s result, refused unless a tensor of ``rows``' shape; cast to ``rows``' dtype and device."""
+    if not isinstance(new_rows, Tensor) or new_rows.shape != rows.shape:
         got = tuple(new_rows.shape) if isinstance(new_rows, Tensor) else type(new_rows).__name__
         raise ValueError(
-            f"replace() must return a tensor of shape (n_rows, width) = {(rows.shape[0], width)} at {site!r}, got {got}"
+            f"replace() must return a tensor of shape (n_rows, width) = {tuple(rows.shape)} at {site!r}, got {got}; "
+            "return the new rows for the rows it was given (`return hidden` leaves them unchanged)"
         )
-    return activation.index_put((example_index, flat_positions), new_rows.reshape(rows.shape).to(activation.dtype))
+    return new_rows.to(rows.device, rows.dtype)
 
 
 def refuse_inference_weights(model: nn.Module, model_name: str) -> None:
     """Raise if ``model``'s weights are inference tensors, through which no gradient can flow."""
     # Inference tensors cannot be saved for backward; torch would fail deep in the
     # forward with no hint of which model or why.
-    for tensor in model.parameters():
-        if tensor.is_inference():
-            raise RuntimeError(
-                f"{model_name}: its weights are inference tensors (created or loaded under "
-                "torch.inference_mode()), so gradients cannot flow through it to the alignment; load the model "
-                "outside inference_mode (torch.no_grad() is fine)"
-            )
+    if any(tensor.is_inference() for tensor in model.parameters()):
+        raise RuntimeError(
+            f"{model_name}: its weights are inference tensors (created or loaded under "
+            "torch.inference_mode()), so gradients cannot flow through it to the alignment; load the model "
+            "outside inference_mode (torch.no_grad() is fine)"
+        )
 
 
-class RowReplacementHook:
-    """:func:`replace_rows` as a hook body, for a site that must run once per forward pass.
+@contextlib.contextmanager
+def explaining_inference_weights(model: nn.Module, model_name: str) -> Iterator[None]:
+    """Torch's failure to save inference tensors for backward, said as :func:`refuse_inference_weights` says it.
 
-    Beyond :func:`replace_rows`, it refuses a second call in one forward pass, and
-    when ``replace`` returns rows that require grad it refuses a model whose
+    Inference-mode weights that require grad fail every forward pass under
+    autograd, before any site is reached.
+    """
+    try:
+        yield
+    except Exception as error:
+        if "Inference tensors cannot be saved for backward" in str(error):
+            try:
+                refuse_inference_weights(model, model_name)
+            except RuntimeError as explained:
+                raise explained from error
+        raise
+
+
+class ObservedReplacement:
+    """``replace`` with its result checked (:func:`checked_rows`) and its gradient watched.
+
+    When ``replace`` returns rows that require grad, it refuses a model whose
     weights are inference tensors (before the forward goes on) and, through
     :meth:`check_gradient_reached` after the forward, a model whose forward
     switches autograd off after the site. Use one instance per forward pass.
     """
 
-    def __init__(self, positions: Tensor, replace: Replacement, site: str, model: nn.Module, model_name: str) -> None:
-        self.positions = positions
+    def __init__(self, replace: Replacement, site: str, model: nn.Module, model_name: str) -> None:
         self.replace = replace
         self.site = site
         self.model = model
         self.model_name = model_name
-        self.calls = 0
         self.rows_require_grad = False
 
-    def __call__(self, activation: Tensor) -> Tensor:
-        """The new ``(batch, seq, *features)`` activation."""
-        self.calls += 1
-        if self.calls > 1:
-            raise SiteError(
-                f"{self.model_name}: site {self.site!r} was reached a second time in one forward pass; "
-                "a replacement at positions needs a site that runs once"
-            )
-        return replace_rows(activation, self.positions, self._observed_replace, self.site)
-
-    def _observed_replace(self, rows: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
+    def __call__(self, rows: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
         new_rows = self.replace(rows, example_index, slot_index)
         if isinstance(new_rows, Tensor) and new_rows.requires_grad:
             self.rows_require_grad = True
             refuse_inference_weights(self.model, self.model_name)
-        return new_rows
+        return checked_rows(new_rows, rows, self.site)
 
     def check_gradient_reached(self, logits: Tensor) -> None:
         """Raise if the replacement required grad, grad mode is on, and ``logits`` do not require grad."""
@@ -277,6 +405,51 @@ class RowReplacementHook:
                 "model's forward switches autograd off after the site (torch.no_grad or inference_mode inside "
                 "forward), so the alignment cannot be trained through it"
             )
+
+
+class RowReplacementHook:
+    """:func:`replace_rows` as a hook body, for a site that must run once per forward pass.
+
+    Beyond :func:`replace_rows`, it refuses a second call in one forward pass and
+    watches ``replace`` through :class:`ObservedReplacement`. Use one instance per
+    forward pass; after it, :meth:`check_fired` and :meth:`check_gradient_reached`.
+    """
+
+    def __init__(self, positions: Tensor, replace: Replacement, site: str, model: nn.Module, model_name: str) -> None:
+        self.positions = positions
+        self.site = site
+        self.model_name = model_name
+        self.observed = ObservedReplacement(replace, site, model, model_name)
+        self.calls = 0
+
+    @property
+    def rows_require_grad(self) -> bool:
+        return self.observed.rows_require_grad
+
+    def __call__(self, activation: Tensor) -> Tensor:
+        """The new ``(batch, seq, *features)`` activation."""
+        self.calls += 1
+        if self.calls > 1:
+            raise SiteError(
+                f"{self.model_name}: site {self.site!r} was reached a second time in one forward pass; "
+                "a replacement at positions needs a site that runs once"
+            )
+        return replace_rows(activation, self.positions, self.observed, self.site)
+
+    def check_fired(self) -> None:
+        """Raise if the site never ran, so that ``replace`` was never applied."""
+        if self.calls == 0:
+            raise site_did_not_run(self.model_name, self.site)
+
+    def check_gradient_reached(self, logits: Tensor) -> None:
+        self.observed.check_gradient_reached(logits)
+
+
+def site_did_not_run(model_name: str, site: str) -> SiteError:
+    return SiteError(
+        f"{model_name}: site {site!r} did not run in the forward pass on these inputs (its hook never fired), so "
+        "nothing was read or replaced there; choose a site on the path these inputs take through the model"
+    )
 
 
 # -- outputs ------------------------------------------------------------------------------------

@@ -35,10 +35,11 @@ sees the positions it has unpadded, whichever way the model is wrapped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,9 +51,13 @@ from .base import (
     Replacement,
     RowReplacementHook,
     SiteError,
-    check_positions_for,
+    check_inputs,
+    explaining_inference_weights,
     gather_rows,
     logits_from_output,
+    probing,
+    site_did_not_run,
+    tokens_and_mask,
     unknown_site_error,
 )
 
@@ -117,6 +122,7 @@ class NNsightAdapter:
         self.name = name
         self._example_inputs = example_inputs if example_inputs is not None else self._default_probe_inputs()
         self._probed: dict[str, _ModuleSite | _Unusable] | None = None
+        self._probed_vocab_size: int | None = None  # of a plain module, from the probe
 
     # -- the protocol --------------------------------------------------------------
 
@@ -142,23 +148,38 @@ class NNsightAdapter:
     def sites(self) -> dict[str, int]:
         return {name: site.width for name, site in self._probed_sites(None).items() if isinstance(site, _ModuleSite)}
 
+    def check_inputs(self, inputs: ModelInputs, positions: Tensor | None = None) -> Tensor | None:
+        """Check every row of ``inputs`` (and ``positions``) without running the model on them.
+
+        Token ids must lie inside the input embedding, sequences inside the
+        model's context (``n_positions`` / ``max_position_embeddings`` of a
+        Hugging Face config), an ``attention_mask`` must match the tokens,
+        positions must lie on real tokens. Errors name the row of ``inputs``;
+        returns the positions as long, or ``None``.
+        """
+        return check_inputs(inputs, positions, self._vocab_size(), self._context_length(), self.name)
+
     def logits(self, inputs: ModelInputs) -> Tensor:
+        self.check_inputs(inputs)
         args, kwargs = self._call_arguments(inputs)
         # trace=False: one forward through nnsight's input preparation, no intervention.
-        return self._logits_fn(self._envoy.trace(*args, trace=False, **kwargs))
+        with explaining_inference_weights(self.model, self.name):
+            return self._logits_fn(self._envoy.trace(*args, trace=False, **kwargs))
 
     def activations(self, inputs: ModelInputs, site: str, positions: Tensor) -> Tensor:
         """``(batch, n_slots, width)`` activations; the forward pass stops at the site."""
         import nnsight
 
         spec = self._site(site, inputs)
-        positions = self._checked_positions(inputs, positions)
+        positions = self.check_inputs(inputs, positions)
         args, kwargs = self._call_arguments(inputs)
         target = self._envoy.get(spec.module_path)
-        with self._envoy.trace(*args, **kwargs) as tracer:
-            value = target.output if spec.slot == "output" else target.input
-            rows = nnsight.save(gather_rows(_element_of(value, spec.element), positions, site))
-            tracer.stop()
+        with _counting_calls(self.model.get_submodule(spec.module_path), self.name, site) as calls:
+            with explaining_inference_weights(self.model, self.name), self._envoy.trace(*args, **kwargs) as tracer:
+                value = target.output if spec.slot == "output" else target.input
+                rows = nnsight.save(gather_rows(_element_of(value, spec.element), positions, site))
+                tracer.stop()
+        calls.check_once()
         return rows
 
     def run_with_replacement(
@@ -168,18 +189,20 @@ class NNsightAdapter:
         import nnsight
 
         spec = self._site(site, inputs)
-        positions = self._checked_positions(inputs, positions)
+        positions = self.check_inputs(inputs, positions)
         args, kwargs = self._call_arguments(inputs)
         target = self._envoy.get(spec.module_path)
         replacement = RowReplacementHook(positions, replace, site, self.model, self.name)
-        with self._envoy.trace(*args, **kwargs):
-            value = target.output if spec.slot == "output" else target.input
-            new_value = _with_element(value, spec.element, replacement(_element_of(value, spec.element)))
-            if spec.slot == "output":
-                target.output = new_value
-            else:
-                target.input = new_value
-            logits = nnsight.save(self._logits_fn(self._envoy.output))
+        with _counting_calls(self.model.get_submodule(spec.module_path), self.name, site) as calls:
+            with explaining_inference_weights(self.model, self.name), self._envoy.trace(*args, **kwargs):
+                value = target.output if spec.slot == "output" else target.input
+                new_value = _with_element(value, spec.element, replacement(_element_of(value, spec.element)))
+                if spec.slot == "output":
+                    target.output = new_value
+                else:
+                    target.input = new_value
+                logits = nnsight.save(self._logits_fn(self._envoy.output))
+        calls.check_once()
         replacement.check_gradient_reached(logits)
         return logits
 
@@ -248,8 +271,17 @@ class NNsightAdapter:
         tokens, _ = _tokens_and_mask(inputs)
         batch, seq_len = tokens.shape[0], tokens.shape[1]
         args, kwargs = self._call_arguments(inputs)
+        vocab_sizes: list[int] = []
+
+        def record_vocabulary(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            # The token embedding takes the token tensor itself.
+            if (args and args[0] is tokens) or kwargs.get("input") is tokens:
+                vocab_sizes.append(module.num_embeddings)
+
+        embeddings = [module for module in self.model.modules() if isinstance(module, nn.Embedding)]
+        handles = [module.register_forward_hook(record_vocabulary, with_kwargs=True) for module in embeddings]
         try:
-            with torch.no_grad():
+            with probing(self.model):
                 with self._envoy.trace(*args, **kwargs) as tracer:
                     cache = tracer.cache(include_inputs=True, device=None)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
@@ -257,6 +289,10 @@ class NNsightAdapter:
                 f"{self.name}: the probing forward pass that finds the sites' widths failed "
                 f"({type(error).__name__}: {error}); pass example_inputs=... that the model accepts"
             ) from error
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._probed_vocab_size = min(vocab_sizes) if vocab_sizes else None
         root_prefix = self._envoy.path + "."
         probed: dict[str, _ModuleSite | _Unusable] = {}
         for key in cache.keys():
@@ -284,9 +320,24 @@ class NNsightAdapter:
 
     # -- inputs ----------------------------------------------------------------------
 
-    def _checked_positions(self, inputs: ModelInputs, positions: Tensor) -> Tensor:
-        tokens, attention_mask = _tokens_and_mask(inputs)
-        return check_positions_for(tokens, positions, attention_mask)
+    def _vocab_size(self) -> int | None:
+        """The input embedding's size: a Hugging Face model's, else the probed token embedding's."""
+        get_embeddings = getattr(self.model, "get_input_embeddings", None)
+        embeddings = get_embeddings() if callable(get_embeddings) else None
+        if isinstance(embeddings, nn.Embedding):
+            return embeddings.num_embeddings
+        if self._example_inputs is not None or self._probed is not None:
+            self._probed_sites(None)
+        return self._probed_vocab_size
+
+    def _context_length(self) -> int | None:
+        """A Hugging Face config's ``n_positions`` / ``max_position_embeddings``, if any."""
+        config = getattr(self.model, "config", None)
+        for key in ("n_positions", "max_position_embeddings"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def _call_arguments(self, inputs: ModelInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if isinstance(inputs, Tensor):
@@ -312,13 +363,42 @@ class NNsightAdapter:
 
 def _tokens_and_mask(inputs: ModelInputs) -> tuple[Tensor, Tensor | None]:
     """The ``(batch, seq, ...)`` input tensor and the 2-d attention mask, if any."""
-    if isinstance(inputs, Tensor):
-        return inputs, None
-    if not isinstance(inputs, Mapping) or not inputs:
-        raise TypeError(f"inputs must be a tensor or a non-empty mapping of tensors, got {type(inputs).__name__}")
-    key = next((k for k in ("input_ids", "inputs_embeds", "input") if k in inputs), next(iter(inputs)))
-    mask = inputs.get("attention_mask")
-    return inputs[key], mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+    tokens, mask = tokens_and_mask(inputs)
+    return tokens, mask if mask is not None and mask.dim() == 2 else None
+
+
+class _CallCount:
+    """How often a module ran in one trace (see :func:`_counting_calls`)."""
+
+    def __init__(self, model_name: str, site: str) -> None:
+        self.model_name, self.site, self.calls = model_name, site, 0
+
+    def check_once(self) -> None:
+        if self.calls > 1:
+            raise SiteError(
+                f"{self.model_name}: the module of site {self.site!r} ran {self.calls} times in this forward pass; "
+                "a replacement at positions needs a module that runs once"
+            )
+
+
+@contextlib.contextmanager
+def _counting_calls(module: nn.Module, model_name: str, site: str) -> Iterator[_CallCount]:
+    """Count ``module``'s calls in the block; a failure of a block in which it never ran is the site's."""
+    count = _CallCount(model_name, site)
+
+    def counted(*args: Any) -> None:
+        count.calls += 1
+
+    handle = module.register_forward_pre_hook(counted)
+    try:
+        yield count
+    except Exception as error:
+        # nnsight reports a module that never ran as a request the model "already ran past".
+        if count.calls == 0 and type(error).__name__ == "OutOfOrderError":
+            raise site_did_not_run(model_name, site) from error
+        raise
+    finally:
+        handle.remove()
 
 
 def _left_padding_position_ids(attention_mask: Tensor) -> Tensor | None:

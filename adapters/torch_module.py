@@ -18,8 +18,18 @@ Three kinds of site, named by module path as in ``model.named_modules()``:
 - ``"<module>"`` for any other submodule whose output is ``(batch, seq, width)``,
   such as an embedding: position-indexed replacement.
 
-Call-based sites are found by one probing run of the model, on ``example_inputs``
-if given, else on the first inputs the adapter sees.
+Call-based sites are found by one probing run of the model (eval mode, no
+gradient, every module's mode restored): on ``example_inputs`` if given, else,
+for a model with an ``nn.Embedding``, on two all-zero token sequences of length
+7 the first time the sites are needed (so ``sites()`` lists them on a fresh
+adapter), else on the first inputs the adapter sees. The same run finds the
+token embedding (the ``nn.Embedding`` that receives the token tensor itself),
+whose size bounds the token ids :meth:`TorchModuleAdapter.check_inputs` accepts.
+
+A site must run as its kind says, or the call is an error rather than a silent
+no-op: a fused RNN once per forward pass, a per-step cell once per position (at
+least up to the last position asked for, at most once per position), any other
+module once per forward pass.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import functools
 import types
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,16 +48,21 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .base import (
     ModelInputs,
+    ObservedReplacement,
     Replacement,
+    RowReplacementHook,
     SiteError,
     StopForward,
-    batch_size_of,
-    check_positions_for,
-    first_tensor,
+    check_inputs,
+    explaining_inference_weights,
     logits_from_output,
-    replace_rows,
+    probing,
+    tokens_and_mask,
     unknown_site_error,
 )
+
+_PROBE_BATCH = 2
+_PROBE_SEQ_LEN = 7
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,16 @@ class _Site:
     layer: int = 0  # recurrent: which layer
     state: str = "h"  # recurrent: "h", "c" or "hc"
     element: int | None = None  # step/sequence: tuple element of the output, if any
+    name: str = ""  # the site's name, for messages
+
+
+@dataclass
+class _Probe:
+    """What one probing run showed: call-based sites, modules that cannot be sites, the vocabulary."""
+
+    sites: dict[str, _Site] = field(default_factory=dict)
+    unusable: dict[str, str] = field(default_factory=dict)  # site name -> why not
+    vocab_size: int | None = None
 
 
 class TorchModuleAdapter:
@@ -65,7 +90,7 @@ class TorchModuleAdapter:
 
     Args:
         model: the model; it is not modified (hooks and forward overrides are
-            removed on exit, also on error).
+            removed on exit, also on error or interrupt).
         example_inputs: optional inputs for discovering call-based sites.
         logits_fn: extracts ``(batch, seq, vocab)`` logits from the model's output
             (default: the output itself, ``.logits``, or its first element).
@@ -86,9 +111,10 @@ class TorchModuleAdapter:
         self.name = name
         self._modules = dict(model.named_modules())
         self._recurrent_sites = self._find_recurrent_sites()
-        self._probed_sites: dict[str, _Site] | None = None
+        self._probed: _Probe | None = None
+        self._dry_run_tried = False
         if example_inputs is not None:
-            self._probe(example_inputs)
+            self._probed = self._probe(example_inputs)
 
     # -- the protocol --------------------------------------------------------------
 
@@ -105,30 +131,46 @@ class TorchModuleAdapter:
         return torch.device("cpu")
 
     def sites(self) -> dict[str, int]:
+        probe = self._probe_once(None)
         found = dict(self._recurrent_sites)
-        found.update(self._probed_sites or {})
+        found.update(probe.sites if probe is not None else {})
         return {name: site.width for name, site in found.items()}
 
+    def check_inputs(self, inputs: ModelInputs, positions: Tensor | None = None) -> Tensor | None:
+        """Check every row of ``inputs`` (and ``positions``) without running the model on them.
+
+        Token ids must lie inside the token embedding, an ``attention_mask`` must
+        match the tokens, positions must lie inside each row's tokens. Errors name
+        the row of ``inputs``; returns the positions as long, or ``None``.
+        """
+        probe = self._probe_once(inputs)
+        vocab_size = probe.vocab_size if probe is not None else None
+        return check_inputs(inputs, positions, vocab_size=vocab_size, model_name=self.name)
+
     def logits(self, inputs: ModelInputs) -> Tensor:
+        self.check_inputs(inputs)
         return self._logits_fn(self._call(inputs))
 
     def activations(self, inputs: ModelInputs, site: str, positions: Tensor) -> Tensor:
-        spec = self._site(site, inputs)
-        batch = batch_size_of(inputs)
-        positions = self._check_positions(spec, inputs, positions)
-        n_slots = positions.shape[1]
+        spec, positions = self._prepare(inputs, site, positions)
+        batch, n_slots = positions.shape
         rows: list[tuple[Tensor, Tensor, Tensor]] = []
-        n_needed = batch * n_slots
 
         def record(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
             rows.append((hidden, example_index, slot_index))
-            if sum(r[0].shape[0] for r in rows) >= n_needed:
-                raise StopForward
             return hidden
 
-        with contextlib.suppress(StopForward):
-            self._run_intervened(inputs, spec, positions, record, stop_when_done=True)
-        out = first_tensor(inputs).new_zeros((batch, n_slots, spec.width), dtype=rows[0][0].dtype if rows else torch.float32)
+        if batch * n_slots == 0:
+            return torch.zeros((batch, n_slots, spec.width), device=self.device)
+        run = self._site_run(spec, inputs, positions, record, stop_when_done=True)
+        try:
+            run.forward(lambda: self._call(inputs))
+        except StopForward:
+            pass
+        else:  # the forward pass ended before every slot was read
+            run.check_complete()
+            raise SiteError(f"{self.name}: site {site!r} was not read at every position")  # pragma: no cover
+        out = rows[0][0].new_zeros((batch, n_slots, spec.width))
         for hidden, example_index, slot_index in rows:
             out = out.index_put((example_index, slot_index), hidden)
         return out
@@ -136,9 +178,12 @@ class TorchModuleAdapter:
     def run_with_replacement(
         self, inputs: ModelInputs, site: str, positions: Tensor, replace: Replacement
     ) -> Tensor:
-        spec = self._site(site, inputs)
-        positions = self._check_positions(spec, inputs, positions)
-        return self._logits_fn(self._run_intervened(inputs, spec, positions, replace, stop_when_done=False))
+        spec, positions = self._prepare(inputs, site, positions)
+        run = self._site_run(spec, inputs, positions, replace, stop_when_done=False)
+        logits = self._logits_fn(run.forward(lambda: self._call(inputs)))
+        run.check_complete()
+        run.observed.check_gradient_reached(logits)
+        return logits
 
     # -- sites ---------------------------------------------------------------------
 
@@ -149,26 +194,43 @@ class TorchModuleAdapter:
                 continue
             hidden = module.hidden_size
             for layer in range(module.num_layers):
-                sites[f"{path}.h_l{layer}"] = _Site("recurrent", path, hidden, layer, "h")
-                if isinstance(module, nn.LSTM):
-                    sites[f"{path}.c_l{layer}"] = _Site("recurrent", path, hidden, layer, "c")
-                    sites[f"{path}.hc_l{layer}"] = _Site("recurrent", path, 2 * hidden, layer, "hc")
+                states = [("h", hidden)] + ([("c", hidden), ("hc", 2 * hidden)] if isinstance(module, nn.LSTM) else [])
+                for state, width in states:
+                    name = f"{path}.{state}_l{layer}"
+                    sites[name] = _Site("recurrent", path, width, layer, state, name=name)
         return sites
 
     def _site(self, site: str, inputs: ModelInputs | None) -> _Site:
         if site in self._recurrent_sites:
             return self._recurrent_sites[site]
-        if self._probed_sites is None and inputs is not None:
-            self._probe(inputs)
-        if self._probed_sites and site in self._probed_sites:
-            return self._probed_sites[site]
+        probe = self._probe_once(inputs)
+        if probe is not None and site in probe.sites:
+            return probe.sites[site]
+        if probe is not None and site in probe.unusable:
+            raise SiteError(f"{self.name}: {site!r} cannot be a site: {probe.unusable[site]}")
         raise unknown_site_error(site, self.sites(), self.name)
 
-    def _probe(self, inputs: ModelInputs) -> None:
-        """Run the model once and classify every submodule's output by shape."""
-        batch = batch_size_of(inputs)
-        seq_len = first_tensor(inputs).shape[1] if first_tensor(inputs).dim() > 1 else 0
+    def _probe_once(self, inputs: ModelInputs | None) -> _Probe | None:
+        """The probe: from ``example_inputs``, else one dry run on zero tokens, else ``inputs``."""
+        if self._probed is None and not self._dry_run_tried:
+            self._dry_run_tried = True
+            if any(isinstance(module, nn.Embedding) for module in self._modules.values()):
+                dummy = torch.zeros((_PROBE_BATCH, _PROBE_SEQ_LEN), dtype=torch.long, device=self.device)
+                # A model that takes something else than token ids fails here and
+                # is probed on the first inputs it is given instead.
+                with contextlib.suppress(Exception):
+                    self._probed = self._probe(dummy)
+        if self._probed is None and inputs is not None:
+            self._probed = self._probe(inputs)
+        return self._probed
+
+    def _probe(self, inputs: ModelInputs) -> _Probe:
+        """Run the model once and classify every submodule's output by shape and number of calls."""
+        tokens, _ = tokens_and_mask(inputs)
+        batch = tokens.shape[0]
+        seq_len = tokens.shape[1] if tokens.dim() > 1 else 0
         calls: dict[str, list[Any]] = {}
+        vocab_sizes: list[int] = []
         inside_rnn = {f"{p}.{q}" for p, m in self._modules.items() if isinstance(m, nn.RNNBase) for q, _ in m.named_modules() if q}
 
         def shape_of(x: Any) -> Any:
@@ -178,21 +240,25 @@ class TorchModuleAdapter:
                 return tuple(shape_of(e) for e in x)
             return None
 
+        def record(path: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            calls.setdefault(path, []).append(shape_of(output))
+            # The token embedding takes the token tensor itself; its size is the vocabulary.
+            if isinstance(module, nn.Embedding) and ((args and args[0] is tokens) or kwargs.get("input") is tokens):
+                vocab_sizes.append(module.num_embeddings)
+
         handles = []
-        for path, module in self._modules.items():
-            if not path or path in inside_rnn or isinstance(module, nn.RNNBase):
-                continue
-            handles.append(
-                module.register_forward_hook(lambda m, i, o, path=path: calls.setdefault(path, []).append(shape_of(o)))
-            )
         try:
-            with torch.no_grad():
+            for path, module in self._modules.items():
+                if not path or path in inside_rnn or isinstance(module, nn.RNNBase):
+                    continue
+                handles.append(module.register_forward_hook(functools.partial(record, path), with_kwargs=True))
+            with probing(self._model):
                 self._call(inputs)
         finally:
-            for h in handles:
-                h.remove()
+            for handle in handles:
+                handle.remove()
 
-        probed: dict[str, _Site] = {}
+        probe = _Probe(vocab_size=min(vocab_sizes) if vocab_sizes else None)
         for path, shapes in calls.items():
             first = shapes[0]
             candidates = [(None, first)] if not (first and isinstance(first[0], tuple)) else list(enumerate(first))
@@ -200,46 +266,162 @@ class TorchModuleAdapter:
                 if not isinstance(shape, tuple) or not all(isinstance(s, int) for s in shape):
                     continue
                 name = path if element is None else f"{path}[{element}]"
-                if len(shapes) == 1 and len(shape) == 3 and shape[0] == batch and shape[1] == seq_len:
-                    probed[name] = _Site("sequence", path, shape[2], element=element)
-                elif len(shapes) > 1 and len(shape) == 2 and shape[0] == batch:
-                    probed[name] = _Site("step", path, shape[1], element=element)
-        self._probed_sites = probed
+                n_calls = len(shapes)
+                if len(shape) == 3 and shape[:2] == (batch, seq_len):
+                    if n_calls == 1:
+                        probe.sites[name] = _Site("sequence", path, shape[2], element=element, name=name)
+                    else:
+                        probe.unusable[name] = (
+                            f"module {path!r} runs {n_calls} times per forward pass; a (batch, seq, width) site "
+                            "must run once"
+                        )
+                elif len(shape) == 2 and shape[0] == batch and n_calls > 1:
+                    if n_calls <= seq_len:
+                        probe.sites[name] = _Site("step", path, shape[1], element=element, name=name)
+                    else:
+                        probe.unusable[name] = (
+                            f"module {path!r} runs {n_calls} times on sequences of {seq_len} positions; call t of "
+                            "a per-step site is position t, so it must run at most once per position"
+                        )
+        return probe
 
-    def _check_positions(self, spec: _Site, inputs: ModelInputs, positions: Tensor) -> Tensor:
-        positions = check_positions_for(first_tensor(inputs), positions)
+    def _prepare(self, inputs: ModelInputs, site: str, positions: Tensor) -> tuple[_Site, Tensor]:
+        """The site and the checked positions."""
+        spec = self._site(site, inputs)
+        positions = self.check_inputs(inputs, positions)
         if spec.kind == "recurrent":
             rnn = self._modules[spec.module_path]
             if rnn.bidirectional:
                 raise SiteError(f"{spec.module_path} is bidirectional: a step-wise intervention on it is not defined (later steps feed earlier ones)")
             if getattr(rnn, "proj_size", 0):
                 raise SiteError(f"{spec.module_path} uses proj_size; step-wise interventions support LSTMs without projections")
-        return positions
+        return spec, positions
 
     # -- running ---------------------------------------------------------------------
 
     def _call(self, inputs: ModelInputs) -> Any:
-        if isinstance(inputs, Tensor):
-            return self._model(inputs)
-        return self._model(**inputs)
+        with explaining_inference_weights(self._model, self.name):
+            if isinstance(inputs, Tensor):
+                return self._model(inputs)
+            return self._model(**inputs)
 
-    def _run_intervened(
-        self, inputs: ModelInputs, spec: _Site, positions: Tensor, replace: Replacement, stop_when_done: bool
-    ) -> Any:
-        module = self._modules[spec.module_path]
-        if spec.kind == "recurrent":
-            with _split_recurrence(module, spec, positions, replace, stop_when_done):
-                return self._call(inputs)
-        hook = _sequence_hook if spec.kind == "sequence" else _step_hook
-        last_position = int(positions.max()) if positions.numel() else -1
-        handle = module.register_forward_hook(hook(spec, positions, replace, stop_when_done, last_position))
+    def _site_run(
+        self, spec: _Site, inputs: ModelInputs, positions: Tensor, replace: Replacement, stop_when_done: bool
+    ) -> _SiteRun:
+        run = {"recurrent": _RecurrentRun, "sequence": _SequenceRun, "step": _StepRun}[spec.kind]
+        observed = ObservedReplacement(replace, spec.name, self._model, self.name)
+        seq_len = tokens_and_mask(inputs)[0].shape[1]
+        return run(spec, self._modules[spec.module_path], positions, observed, stop_when_done, seq_len)
+
+
+# -- one forward pass with a site intervened -------------------------------------------
+
+
+class _SiteRun:
+    """One forward pass with ``replace`` applied at a site; :meth:`check_complete` afterwards."""
+
+    def __init__(
+        self, spec: _Site, module: nn.Module, positions: Tensor, observed: ObservedReplacement, stop_when_done: bool, seq_len: int
+    ) -> None:
+        self.spec = spec
+        self.module = module
+        self.positions = positions
+        self.observed = observed
+        self.model_name = observed.model_name
+        self.stop_when_done = stop_when_done  # raise StopForward once every position is done
+        self.seq_len = seq_len
+        self.calls = 0  # of the site's module
+
+    def forward(self, call: Callable[[], Any]) -> Any:
+        handle = self.module.register_forward_hook(self.hook)
         try:
-            return self._call(inputs)
+            return call()
         finally:
             handle.remove()
 
+    def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        raise NotImplementedError
 
-# -- hooks for call-based sites ------------------------------------------------------
+    def check_complete(self) -> None:
+        """Raise if the forward pass did not reach every position."""
+        raise NotImplementedError
+
+
+class _SequenceRun(_SiteRun):
+    """A ``(batch, seq, width)`` module output, replaced out of place at the positions; one call."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.rows = RowReplacementHook(self.positions, self.observed, self.spec.name, self.observed.model, self.model_name)
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        part = _output_part(output, self.spec.element)
+        new_output = _with_part(output, self.spec.element, self.rows(part))
+        if self.stop_when_done:
+            raise StopForward
+        return new_output
+
+    def check_complete(self) -> None:
+        self.rows.check_fired()
+
+
+class _StepRun(_SiteRun):
+    """A module called once per time step: call ``t`` is position ``t``."""
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
+        step = self.calls
+        self.calls += 1
+        if step >= self.seq_len:
+            raise SiteError(
+                f"{self.model_name}: site {self.spec.name!r} ran more than {self.seq_len} times in one forward pass on "
+                f"sequences of {self.seq_len} positions; call t of a per-step site is position t, so it must run at "
+                "most once per position"
+            )
+        example_index, slot_index = (self.positions == step).nonzero(as_tuple=True)
+        if example_index.numel() == 0:
+            return output
+        part = _output_part(output, self.spec.element)
+        if not isinstance(part, Tensor) or part.dim() != 2 or part.shape[0] != self.positions.shape[0]:
+            got = tuple(part.shape) if isinstance(part, Tensor) else type(part).__name__
+            raise SiteError(
+                f"{self.model_name}: call {step} of site {self.spec.name!r} gave {got}, not the "
+                f"({self.positions.shape[0]}, width) state of a per-step site"
+            )
+        new_rows = self.observed(part[example_index], example_index, slot_index)
+        new_output = _with_part(output, self.spec.element, part.index_put((example_index,), new_rows))
+        if self.stop_when_done and step >= self.last_position:
+            raise StopForward
+        return new_output
+
+    @functools.cached_property
+    def last_position(self) -> int:
+        return int(self.positions.max()) if self.positions.numel() else -1
+
+    def check_complete(self) -> None:
+        if self.calls > self.last_position:
+            return
+        b, j = (self.positions >= self.calls).nonzero()[0].tolist()
+        position = int(self.positions[b, j])
+        raise SiteError(
+            f"{self.model_name}: site {self.spec.name!r} ran {self.calls} times in this forward pass, but position "
+            f"{position} (slot {j} of example {b}) needs {position + 1}: call t of a per-step site is position t. "
+            f"Choose positions below {self.calls}, or a site that runs once per position of the inputs"
+        )
+
+
+class _RecurrentRun(_SiteRun):
+    """A fused RNN layer's state, through the split recurrence; one call of the RNN."""
+
+    def forward(self, call: Callable[[], Any]) -> Any:
+        with _split_recurrence(self.module, self):
+            return call()
+
+    def check_complete(self) -> None:
+        if self.calls == 0:
+            raise SiteError(
+                f"{self.model_name}: the RNN {self.spec.module_path!r} of site {self.spec.name!r} did not run in the "
+                "forward pass on these inputs, so nothing was read or replaced there"
+            )
 
 
 def _output_part(output: Any, element: int | None) -> Tensor:
@@ -252,35 +434,6 @@ def _with_part(output: Any, element: int | None, part: Tensor) -> Any:
     parts = list(output)
     parts[element] = part
     return type(output)(parts) if isinstance(output, tuple) else parts
-
-
-def _sequence_hook(spec: _Site, positions: Tensor, replace: Replacement, stop: bool, last: int):
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        part = _output_part(output, spec.element)
-        # Out of place (replace_rows builds a new tensor): autograd stays intact.
-        site = spec.module_path if spec.element is None else f"{spec.module_path}[{spec.element}]"
-        return _with_part(output, spec.element, replace_rows(part, positions, replace, site))
-
-    return hook
-
-
-def _step_hook(spec: _Site, positions: Tensor, replace: Replacement, stop: bool, last: int):
-    state = {"step": 0}
-
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        step = state["step"]
-        state["step"] += 1
-        example_index, slot_index = (positions == step).nonzero(as_tuple=True)
-        if example_index.numel() == 0:
-            return output
-        part = _output_part(output, spec.element)
-        new_rows = replace(part[example_index], example_index, slot_index)
-        new_output = _with_part(output, spec.element, part.index_put((example_index,), new_rows))
-        if stop and step >= last:
-            raise StopForward
-        return new_output
-
-    return hook
 
 
 # -- split recurrence for fused RNNs ---------------------------------------------------
@@ -323,34 +476,33 @@ def _run_segment(view: nn.RNNBase, x: Tensor, start: Tensor, length: Tensor, sta
 
 
 @contextlib.contextmanager
-def _split_recurrence(
-    rnn: nn.RNNBase, spec: _Site, positions: Tensor, replace: Replacement, stop_when_done: bool
-) -> Iterator[None]:
-    calls = {"n": 0}
-    original_forward = rnn.forward
+def _split_recurrence(rnn: nn.RNNBase, run: _RecurrentRun) -> Iterator[None]:
+    """``rnn.forward`` overridden by the split recurrence of ``run`` inside the block; restored on exit."""
+    spec = run.spec
+    own_forward = rnn.__dict__.get("forward")  # an instance attribute that someone else set, if any
 
     def forward(self: nn.RNNBase, input: Any, hx: Any = None) -> Any:
-        calls["n"] += 1
-        if calls["n"] > 1:
+        run.calls += 1
+        if run.calls > 1:
             raise SiteError(
-                f"the model calls its RNN {spec.module_path!r} more than once per forward; a step-wise "
+                f"{run.model_name} calls its RNN {spec.module_path!r} more than once per forward; a step-wise "
                 "intervention needs one call per sequence (for a per-step loop, use the cell as the site)"
             )
         if isinstance(input, PackedSequence):
             raise TypeError(f"{spec.module_path} received a PackedSequence; pass padded (batch, seq, features) inputs")
         if input.dim() != 3:
             raise ValueError(f"{spec.module_path} received input of shape {tuple(input.shape)}; step-wise interventions need batched 3-d input")
-        return _split_forward(self, input, hx, spec, positions, replace, stop_when_done)
+        return _split_forward(self, input, hx, spec, run.positions, run.observed, run.stop_when_done)
 
     rnn.forward = types.MethodType(forward, rnn)
     try:
         yield
     finally:
-        # Removing the instance attribute restores the class's forward.
-        if rnn.forward.__func__ is forward:  # type: ignore[attr-defined]
-            del rnn.forward
-        else:  # pragma: no cover - somebody else replaced it meanwhile
-            rnn.forward = original_forward
+        # Without an instance attribute the class's forward is back.
+        if own_forward is None:
+            rnn.__dict__.pop("forward", None)
+        else:
+            rnn.forward = own_forward
 
 
 def _split_forward(

@@ -45,9 +45,12 @@ from .base import (
     RowReplacementHook,
     SiteError,
     StopForward,
-    check_positions_for,
+    check_inputs,
+    explaining_inference_weights,
     gather_rows,
     logits_from_output,
+    probing,
+    site_did_not_run,
     unknown_site_error,
 )
 
@@ -147,15 +150,35 @@ class TransformerLensAdapter:
                 continue
         return found
 
-    def logits(self, inputs: ModelInputs) -> Tensor:
+    def check_inputs(self, inputs: ModelInputs, positions: Tensor | None = None) -> Tensor | None:
+        """Check every row of ``inputs`` (and ``positions``) without running the model on them.
+
+        Token ids must lie inside ``cfg.d_vocab``, sequences inside ``cfg.n_ctx``,
+        an ``attention_mask`` must match the tokens, positions must lie on real
+        tokens. Errors name the row of ``inputs``; returns the positions as long,
+        or ``None``.
+        """
         tokens, kwargs = _split_inputs(inputs)
-        return self._logits_fn(self._model(tokens, **kwargs))
+        cfg = getattr(self._model, "cfg", None)
+        return check_inputs(
+            {"input": tokens, **kwargs},
+            positions,
+            vocab_size=_positive_int(getattr(cfg, "d_vocab", None)),
+            n_ctx=_positive_int(getattr(cfg, "n_ctx", None)),
+            model_name=self.name,
+        )
+
+    def logits(self, inputs: ModelInputs) -> Tensor:
+        self.check_inputs(inputs)
+        tokens, kwargs = _split_inputs(inputs)
+        with explaining_inference_weights(self._model, self.name):
+            return self._logits_fn(self._model(tokens, **kwargs))
 
     def activations(self, inputs: ModelInputs, site: str, positions: Tensor) -> Tensor:
         """``(batch, n_slots, width)`` activations; the forward pass stops at the site."""
         spec = self._site(site)
+        positions = self.check_inputs(inputs, positions)
         tokens, kwargs = _split_inputs(inputs)
-        positions = check_positions_for(tokens, positions, kwargs.get("attention_mask"))
         gathered: list[Tensor] = []
 
         def read(activation: Tensor, hook: Any = None) -> None:
@@ -163,11 +186,12 @@ class TransformerLensAdapter:
             raise StopForward
 
         try:
-            self._model.run_with_hooks(tokens, fwd_hooks=[(spec.hook_name, read)], **kwargs)
+            with explaining_inference_weights(self._model, self.name):
+                self._model.run_with_hooks(tokens, fwd_hooks=[(spec.hook_name, read)], **kwargs)
         except StopForward:
             pass
         if not gathered:
-            raise SiteError(f"{self.name}: hook {site!r} did not fire during the forward pass on these inputs")
+            raise site_did_not_run(self.name, site)
         return gathered[0]
 
     def run_with_replacement(
@@ -175,18 +199,18 @@ class TransformerLensAdapter:
     ) -> Tensor:
         """Logits ``(batch, seq, vocab)`` with the site's rows at ``positions`` replaced, differentiably."""
         spec = self._site(site)
+        positions = self.check_inputs(inputs, positions)
         tokens, kwargs = _split_inputs(inputs)
-        positions = check_positions_for(tokens, positions, kwargs.get("attention_mask"))
         replacement = RowReplacementHook(positions, replace, site, self._model, self.name)
 
         # TransformerLens calls a hook as hook(activation, hook=hook_point).
         def replace_at_hook(activation: Tensor, hook: Any = None) -> Tensor:
             return replacement(activation)
 
-        output = self._model.run_with_hooks(tokens, fwd_hooks=[(spec.hook_name, replace_at_hook)], **kwargs)
+        with explaining_inference_weights(self._model, self.name):
+            output = self._model.run_with_hooks(tokens, fwd_hooks=[(spec.hook_name, replace_at_hook)], **kwargs)
         logits = self._logits_fn(output)
-        if replacement.calls == 0:
-            raise SiteError(f"{self.name}: hook {site!r} did not fire during the forward pass on these inputs")
+        replacement.check_fired()
         replacement.check_gradient_reached(logits)
         return logits
 
@@ -284,7 +308,7 @@ class TransformerLensAdapter:
         # never fires them. Either way there is nothing to record there.
         canonical_names = (self._canonical_name(name, point) for name, point in self._model.hook_dict.items())
         hook_names = [name for name in dict.fromkeys(canonical_names) if self._flag_turned_off(name) is None]
-        with torch.no_grad():
+        with probing(self._model):
             try:
                 self._model.run_with_hooks(tokens, fwd_hooks=[(n, recorder(n)) for n in hook_names], **kwargs)
             except (RuntimeError, ValueError, TypeError, IndexError) as error:
@@ -305,6 +329,11 @@ def _gating_flag(hook_name: str) -> str | None:
         if hook_name.endswith(suffix):
             return flag
     return None
+
+
+def _positive_int(value: Any) -> int | None:
+    """A config size (``d_vocab``, ``n_ctx``) when set; TransformerLens marks an unset one with -1."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _split_inputs(inputs: ModelInputs) -> tuple[Tensor, dict[str, Any]]:
