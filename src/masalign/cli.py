@@ -148,7 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0, help="seed of the alignment and the pairs")
     demo.add_argument("--cache", default=str(default_cache()), help="where trained reference models are kept")
     demo.add_argument("--quiet", action="store_true")
+    convert = commands.add_parser("convert-gguf", help="convert a GGUF file, or smollm2-135m / gemma3-270m, to a Hugging Face folder")
+    convert.add_argument("model", metavar="GGUF_OR_NAME", help="a .gguf file, or a pretrained model's name (masalign.pretrained.PRETRAINED)")
+    convert.add_argument("--out", default=None, help="the folder to write (default: under $MASALIGN_CACHE)")
+    convert.add_argument("--overwrite", action="store_true", help="convert again, replacing what is in the folder")
     args = parser.parse_args(argv)
+    if args.command == "convert-gguf":
+        from .pretrained import convert_gguf_command
+
+        return convert_gguf_command(args.model, args.out, args.overwrite)
     if args.command == "demo":
         run_demo(args)
     return 0
