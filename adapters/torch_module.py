@@ -221,7 +221,9 @@ class TorchModuleAdapter:
                 with contextlib.suppress(Exception):
                     self._probed = self._probe(dummy)
         if self._probed is None and inputs is not None:
-            self._probed = self._probe(inputs)
+            # Two rows show every shape; a whole dataset (check_inputs) would cost a full run.
+            first_rows = inputs[:_PROBE_BATCH] if isinstance(inputs, Tensor) else {k: v[:_PROBE_BATCH] for k, v in inputs.items()}
+            self._probed = self._probe(first_rows)
         return self._probed
 
     def _probe(self, inputs: ModelInputs) -> _Probe:
