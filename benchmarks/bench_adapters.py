@@ -57,7 +57,7 @@ from torch import nn  # noqa: E402
 from masalign import ModelAlignment  # noqa: E402
 from masalign.adapters import ModelAdapter, NNsightAdapter, TorchModuleAdapter, TransformerLensAdapter  # noqa: E402
 from masalign.data import CounterfactualPairs  # noqa: E402
-from masalign.evaluate import intervention_loss  # noqa: E402
+from masalign.objectives import intervention_loss  # noqa: E402
 from masalign.models import RecurrentConfig, RecurrentLM  # noqa: E402
 from masalign.tasks import VOCAB_SIZE, get_task  # noqa: E402
 

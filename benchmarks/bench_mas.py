@@ -22,7 +22,7 @@ from torch import nn
 from masalign import ModelAlignment, TorchModuleAdapter
 from masalign.alignment import OrthogonalAlignment, interchange
 from masalign.data import IGNORE_INDEX
-from masalign.evaluate import intervention_loss
+from masalign.objectives import intervention_loss
 from masalign.models import RecurrentConfig, RecurrentLM
 from masalign.tasks import get_task
 

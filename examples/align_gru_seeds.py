@@ -24,7 +24,7 @@ valid = task.counterfactual_pairs(500, seed=2)
 test = task.counterfactual_pairs(2_000, seed=3)
 
 # 3. One rotation per model, a 16-d subspace for `count`, trained in all four directions.
-alignment = ModelAlignment(models, sites="rnn.h_l0", subspace_dims=16)
+alignment = ModelAlignment(models, sites="rnn.h_l0", subspace_dim=16)
 result = fit(alignment, train, valid, steps=1000, lr=5e-3)
 print(result.stop_reason, result.best_valid_accuracy)
 
@@ -32,4 +32,4 @@ print(result.stop_reason, result.best_valid_accuracy)
 report = evaluate(alignment, test, ceiling_data=task.sample(2_000, seed=4, split="held_out"))
 print(report)                      # report.iia["A"]["B"] is the trial IIA from A into B
 report.plot("iia.png")
-alignment.save("gru_alignment")    # safetensors + JSON; ModelAlignment.load("gru_alignment", models)
+alignment.save("gru_alignment", overwrite=True)  # replaces the last run's; ModelAlignment.load("gru_alignment", models)

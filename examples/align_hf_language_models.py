@@ -333,7 +333,7 @@ def _run(out_dir: Path, quick: bool) -> IIAReport:
             return {name: counterfactual_view(bases, sources, formats[name], vocabularies[name], at) for name in adapters}
 
         train, valid, test = views(sizes["train"], 1), views(sizes["valid"], 2), views(sizes["test"], 3)
-        alignment = ModelAlignment(adapters, SITES, subspace_dims={VARIABLE: 8}, seed=0)
+        alignment = ModelAlignment(adapters, SITES, subspace_dim={VARIABLE: 8}, seed=0)
         result = fit(alignment, train, valid, steps=sizes["fit_steps"], batch_size=64, lr=1e-2, eval_every=25, progress=False)
         report = evaluate(alignment, test, ceiling_data=ceiling)
         report.extra["fit"] = result.summary()
@@ -342,7 +342,7 @@ def _run(out_dir: Path, quick: bool) -> IIAReport:
         return alignment, report
 
     alignment, report = align_at("query")
-    alignment.save(out_dir / "alignment")
+    alignment.save(out_dir / "alignment", overwrite=True)  # the checkpoints above are rewritten too
     if not quick:
         # The contrast that locates the variable: the same sites, at the value's own token.
         report.extra["iia_at_value_token"] = align_at("value")[1].iia

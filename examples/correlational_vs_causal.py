@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from masalign import ModelAlignment, evaluate, fit
-from masalign.cli import SITES, default_cache, reference_model
+from masalign.models import DEMO_SITES, default_cache, reference_model
 from masalign.compare import side_by_side
 from masalign.similarity import DSA
 from masalign.tasks import get_task
@@ -43,7 +43,7 @@ def run(out: Path, steps: int = 600, subspace_dim: int = 16) -> list[dict]:
     adapters, sites = {}, {}
     for name, (architecture, seed) in MODELS.items():
         adapters[name], _ = reference_model(architecture, "multi_object", seed, default_cache(), print)
-        sites[name] = SITES[architecture]
+        sites[name] = DEMO_SITES[architecture]
     natural = task.sample(2000, seed=21, split="all")
     positions = count_positions(task, natural.inputs)
     trajectories = task.sample(200, seed=22, split=list(range(12, 21)))

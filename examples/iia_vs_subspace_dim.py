@@ -20,43 +20,48 @@ from pathlib import Path
 
 import torch
 
-from masalign import ModelAlignment, evaluate, fit
-from masalign.cli import PAIRS, SITES, default_cache, reference_model
+from masalign import ModelAlignment, iia_by_subspace_dim
+from masalign.models import DEMO_PAIRS, DEMO_SITES, default_cache, reference_model
 from masalign.tasks import get_task
+
+
+def _mean(matrix: dict, directions: list[tuple[str, str]]) -> float:
+    return sum(matrix[s][t] for s, t in directions) / len(directions)
 
 
 def run(dims: list[int], steps: int, n_train: int, out: Path, seed: int = 0) -> dict:
     task = get_task("multi_object")
     models = {}
-    for label, (architecture, model_seed) in zip("AB", PAIRS["gru-gru"]):
+    for label, (architecture, model_seed) in zip("AB", DEMO_PAIRS["gru-gru"]):
         models[label], _ = reference_model(architecture, "multi_object", model_seed, default_cache(), print)
     train = task.counterfactual_pairs(n_train, seed=seed + 1)
     valid = task.counterfactual_pairs(400, seed=seed + 2)
     test = task.counterfactual_pairs(1500, seed=seed + 3)
-    site = SITES["gru"]
-    table: dict[str, dict[int, float]] = {"MAS": {}, "DAS": {}, "stitching": {}}
-    floors: dict[str, dict[int, float]] = {"MAS": {}, "DAS": {}, "stitching": {}}
+    site = DEMO_SITES["gru"]
     options = dict(steps=steps, lr=5e-3, eval_every=50, seed=seed, progress=False)
-    for k in dims:
-        started = time.perf_counter()
-        for method, keep in (("MAS", True), ("stitching", False)):
-            alignment = ModelAlignment(models, site, k, keep_complement=keep, seed=seed)
-            fit(alignment, train, valid, **options)
-            report = evaluate(alignment, test, directions=[("A", "B"), ("B", "A")])
-            table[method][k] = (report.iia["A"]["B"] + report.iia["B"]["A"]) / 2
-            floors[method][k] = (report.floor["A"]["B"] + report.floor["B"]["A"]) / 2
-        das, das_floor = [], []
-        for label in "AB":
-            alignment = ModelAlignment({label: models[label]}, site, k, seed=seed)
-            fit(alignment, train, valid, **options)
-            report = evaluate(alignment, test)
-            das.append(report.iia[label][label])
-            das_floor.append(report.floor[label][label])
-        table["DAS"][k], floors["DAS"][k] = sum(das) / 2, sum(das_floor) / 2
-        print(f"k={k:>2}: MAS {table['MAS'][k]:.3f}  DAS {table['DAS'][k]:.3f}  stitching {table['stitching'][k]:.3f}  "
-              f"({time.perf_counter() - started:.0f}s)", flush=True)
+    cross = [("A", "B"), ("B", "A")]
+
+    def sweep(build, directions=None):
+        return iia_by_subspace_dim(
+            build, dims, train, valid, test, fit_options=options, directions=directions,
+            progress=lambda k, report: print(f"  k={k:>2}: {report.iia}", flush=True),
+        )
+
+    table: dict[str, dict[int, float]] = {}
+    floors: dict[str, dict[int, float]] = {}
+    started = time.perf_counter()
+    for method, keep in (("MAS", True), ("stitching", False)):
+        print(f"{method} (mean of the cross-seed directions)")
+        reports = sweep(lambda k, keep=keep: ModelAlignment(models, site, k, keep_complement=keep, seed=seed))
+        table[method] = {k: _mean(r.iia, cross) for k, r in reports.items()}
+        floors[method] = {k: _mean(r.floor, cross) for k, r in reports.items()}
+    print("DAS (within each seed, mean of the two)")
+    per_seed = {label: sweep(lambda k, label=label: ModelAlignment({label: models[label]}, site, k, seed=seed)) for label in "AB"}
+    table["DAS"] = {k: _mean({l: r[k].iia[l] for l, r in per_seed.items()}, [("A", "A"), ("B", "B")]) for k in dims}
+    floors["DAS"] = {k: _mean({l: r[k].floor[l] for l, r in per_seed.items()}, [("A", "A"), ("B", "B")]) for k in dims}
+    print(f"done in {time.perf_counter() - started:.0f}s")
     out.mkdir(parents=True, exist_ok=True)
-    document = {"subspace_dims": dims, "iia": table, "floor": floors, "steps": steps, "n_train": n_train, "site": site}
+    document = {"subspace_dim": dims, "iia": table, "floor": floors, "steps": steps, "n_train": n_train, "site": site}
     (out / "iia_vs_k.json").write_text(json.dumps(document, indent=2))
     plot(document, out / "iia_vs_k.png")
     return document
@@ -69,7 +74,7 @@ def plot(document: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, ax = plt.subplots(figsize=(5.5, 3.8))
-    dims = document["subspace_dims"]
+    dims = document.get("subspace_dim", document.get("subspace_dims"))
     for method, marker in (("MAS", "o"), ("DAS", "s"), ("stitching", "^")):
         ax.plot(dims, [document["iia"][method][str(k)] if str(k) in document["iia"][method] else document["iia"][method][k] for k in dims],
                 marker=marker, label=method)

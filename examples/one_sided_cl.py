@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from masalign import ModelAlignment, evaluate, fit
-from masalign.cli import PAIRS, SITES, default_cache, reference_model
-from masalign.latents import counterfactual_latent_index
+from masalign.models import DEMO_PAIRS, DEMO_SITES, default_cache, reference_model
 from masalign.tasks import get_task
 from masalign.train import LatentObjective
 
@@ -29,13 +28,13 @@ def run(pair: str = "gru-gru", steps: int = 600, subspace_dim: int = 16, n_train
     log = (lambda *a: None) if quiet else print
     task = get_task("multi_object")
     models, sites = {}, {}
-    for label, (architecture, model_seed) in zip("AB", PAIRS[pair]):
+    for label, (architecture, model_seed) in zip("AB", DEMO_PAIRS[pair]):
         models[label], _ = reference_model(architecture, "multi_object", model_seed, default_cache(), log)
-        sites[label] = SITES[architecture]
+        sites[label] = DEMO_SITES[architecture]
     train = task.counterfactual_pairs(n_train, seed=seed + 1)
     valid = task.counterfactual_pairs(400, seed=seed + 2)
     test = task.counterfactual_pairs(1500, seed=seed + 3)
-    targets = counterfactual_latent_index(train, task, seed=seed)
+    targets = task.latent_targets(train, seed=seed)
     log(f"counterfactual latents: {targets.n_found} of {len(targets)} pairs have a natural match ({targets.n_missing} masked)")
 
     results = {}
@@ -66,7 +65,7 @@ def run(pair: str = "gru-gru", steps: int = 600, subspace_dim: int = 16, n_train
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--pair", default="gru-gru", choices=sorted(PAIRS))
+    parser.add_argument("--pair", default="gru-gru", choices=sorted(DEMO_PAIRS))
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()

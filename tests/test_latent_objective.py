@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from masalign import ModelAlignment, TorchModuleAdapter, evaluate, fit
-from masalign.latents import counterfactual_latent_index
 from masalign.train import LatentObjective
 
 
@@ -16,7 +15,7 @@ def setting(trained_grus, small_task):
     train = small_task.counterfactual_pairs(2000, seed=11)
     valid = small_task.counterfactual_pairs(200, seed=12)
     test = small_task.counterfactual_pairs(500, seed=13)
-    return models, train, valid, test, counterfactual_latent_index(train, small_task, seed=0)
+    return models, train, valid, test, small_task.latent_targets(train, seed=0)
 
 
 def test_cl_loss_alone_aligns_a_model_that_is_only_recorded(setting) -> None:

@@ -12,7 +12,6 @@ from masalign import CounterfactualPairs, TorchModuleAdapter
 from masalign.latents import (
     LatentTargets,
     cl_loss,
-    counterfactual_latent_index,
     find_counterfactual_latents,
     natural_latents,
     range_excess,
@@ -34,7 +33,7 @@ def intended_state(pairs: CounterfactualPairs, task, i: int) -> CausalState:
 def test_found_latents_have_the_intended_natural_state(small_task) -> None:
     pairs = small_task.counterfactual_pairs(200, seed=1)
     pool = small_task.sample(300, seed=2, split="all").inputs
-    targets = counterfactual_latent_index(pairs, small_task, pool, seed=0)
+    targets = small_task.latent_targets(pairs, pool, seed=0)
     assert isinstance(targets, LatentTargets) and len(targets) == 200
     assert targets.pool_row.shape == targets.pool_position.shape == targets.found.shape == (200,)
     assert targets.n_found > 150 and targets.n_found + targets.n_missing == 200
@@ -50,7 +49,7 @@ def test_pairs_without_a_match_are_masked_and_counted(small_task) -> None:
     pool = small_task.sample(20, seed=4, split=[2]).inputs
     available = {s for row in pool.tolist() for s in small_task.states(row) if s is not None}
     assert available == {CausalState(1, "demo"), CausalState(2, "demo"), CausalState(1, "response"), CausalState(0, "response")}
-    targets = counterfactual_latent_index(pairs, small_task, pool)
+    targets = small_task.latent_targets(pairs, pool)
     expected = torch.tensor([intended_state(pairs, small_task, i) in available for i in range(120)])
     assert torch.equal(targets.found, expected)
     assert 0 < targets.n_missing < 120 and targets.n_missing == int((~expected).sum())
@@ -60,9 +59,9 @@ def test_pairs_without_a_match_are_masked_and_counted(small_task) -> None:
 def test_the_choice_among_matches_is_seeded(small_task) -> None:
     pairs = small_task.counterfactual_pairs(100, seed=5)
     pool = small_task.sample(200, seed=6, split="all").inputs
-    first = counterfactual_latent_index(pairs, small_task, pool, seed=7)
-    again = counterfactual_latent_index(pairs, small_task, pool, seed=7)
-    other = counterfactual_latent_index(pairs, small_task, pool, seed=8)
+    first = small_task.latent_targets(pairs, pool, seed=7)
+    again = small_task.latent_targets(pairs, pool, seed=7)
+    other = small_task.latent_targets(pairs, pool, seed=8)
     assert torch.equal(first.pool_row, again.pool_row) and torch.equal(first.pool_position, again.pool_position)
     assert not torch.equal(first.pool_row, other.pool_row)
     assert torch.equal(first.found, other.found)
@@ -70,8 +69,8 @@ def test_the_choice_among_matches_is_seeded(small_task) -> None:
 
 def test_default_pool_is_the_pairs_own_sources(small_task) -> None:
     pairs = small_task.counterfactual_pairs(80, seed=9)
-    targets = counterfactual_latent_index(pairs, small_task, seed=0)
-    explicit = counterfactual_latent_index(pairs, small_task, pairs.source_inputs, seed=0)
+    targets = small_task.latent_targets(pairs, seed=0)
+    explicit = small_task.latent_targets(pairs, pairs.source_inputs, seed=0)
     assert torch.equal(targets.pool_row, explicit.pool_row) and targets.n_found > 0
 
 
@@ -96,11 +95,11 @@ def test_search_errors(small_task) -> None:
         pairs.base_inputs, pairs.source_inputs, pairs.base_positions.repeat(1, 2), pairs.source_positions.repeat(1, 2), pairs.labels
     )
     with pytest.raises(ValueError, match="one intervention slot per pair; these pairs have 2 slots"):
-        counterfactual_latent_index(two_slots, small_task)
+        small_task.latent_targets(two_slots)
     with pytest.raises(TypeError, match="without 'input_ids'"):
-        counterfactual_latent_index(pairs, small_task, {"tokens": pairs.source_inputs})
+        small_task.latent_targets(pairs, {"tokens": pairs.source_inputs})
     with pytest.raises(ValueError, match=r"must be \(N, T\) integer token ids"):
-        counterfactual_latent_index(pairs, small_task, pairs.source_inputs.float())
+        small_task.latent_targets(pairs, pairs.source_inputs.float())
 
 
 def test_natural_latents_read_the_pool_activations(small_task) -> None:
@@ -108,7 +107,7 @@ def test_natural_latents_read_the_pool_activations(small_task) -> None:
     adapter = TorchModuleAdapter(RecurrentLM(RecurrentConfig(hidden_size=16, embedding_size=8)))
     pairs = small_task.counterfactual_pairs(20, seed=12)
     pool = small_task.sample(30, seed=13, split="all").inputs
-    targets = counterfactual_latent_index(pairs, small_task, pool)
+    targets = small_task.latent_targets(pairs, pool)
     latents = natural_latents(adapter, "rnn.h_l0", pool, targets, batch_size=8)
     assert latents.shape == (20, 16) and not latents.requires_grad
     expected = adapter.activations(pool[targets.pool_row], "rnn.h_l0", targets.pool_position[:, None])[:, 0]

@@ -4,10 +4,11 @@ Data flows one way: a task and its causal model give counterfactual pairs
 (:mod:`masalign.data`, :mod:`masalign.tasks`); adapters read and patch models
 (:mod:`masalign.adapters`); alignment functions and the interchange
 (:mod:`masalign.alignment`, :class:`ModelAlignment`) are trained by :func:`fit`
-and scored by :func:`evaluate`.
+and scored by :func:`evaluate` (directions and the loss they share:
+:mod:`masalign.objectives`; the IIA-against-k sweep: :mod:`masalign.sweep`).
 """
 
-from .adapters import ModelAdapter, TorchModuleAdapter
+from .adapters import ModelAdapter, ModelInputs, NNsightAdapter, SiteError, TorchModuleAdapter, TransformerLensAdapter
 from .alignment import (
     AlignmentFunction,
     CouplingAlignment,
@@ -19,8 +20,10 @@ from .alignment import (
     make_alignment,
 )
 from .data import IGNORE_INDEX, CounterfactualPairs, LabelledSequences
-from .evaluate import IIAReport, all_directions, evaluate, iia_by_subspace_dim, interchange_scores, task_accuracy
+from .evaluate import IIAReport, evaluate, interchange_scores, task_accuracy
 from .mas import ModelAlignment
+from .objectives import Direction, all_directions
+from .sweep import iia_by_subspace_dim
 from .train import FitResult, LatentObjective, fit
 
 __all__ = [
@@ -32,6 +35,11 @@ __all__ = [
     "ScaledOrthogonalAlignment",
     "SymmetricPositiveDefiniteAlignment",
     "CounterfactualPairs",
+    "Direction",
+    "ModelInputs",
+    "NNsightAdapter",
+    "SiteError",
+    "TransformerLensAdapter",
     "FitResult",
     "IIAReport",
     "LabelledSequences",

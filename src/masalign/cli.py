@@ -18,50 +18,47 @@ from pathlib import Path
 
 import torch
 
-from .adapters import ModelAdapter, TorchModuleAdapter
+from . import storage
 from .evaluate import evaluate
 from .mas import ModelAlignment
-from .models import RecurrentConfig, TransformerConfig, load_model, save_model, train_lm
+from .models import DEMO_PAIRS, DEMO_SITES, default_cache, reference_model
 from .tasks import get_task
 from .train import fit
 
 
-def default_cache() -> Path:
-    return Path(os.environ.get("MASALIGN_CACHE", Path.home() / ".cache" / "masalign"))
+OUTPUTS = ("report.json", "iia.png", "alignment")
 
 
-PAIRS = {
-    # name: ((architecture, seed), (architecture, seed))
-    "gru-gru": (("gru", 0), ("gru", 1)),
-    "gru-transformer": (("gru", 0), ("transformer", 1)),
-}
-SITES = {"gru": "rnn.h_l0", "transformer": "blocks.0.hook_resid_post"}
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse, before minutes of training, an ``--out`` that is a file or already holds results."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"masalign demo: --out {out} is a file, not a folder; choose a folder path")
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise SystemExit(
+            f"masalign demo: {out} already holds {', '.join(existing)} from an earlier run; pass --overwrite to "
+            "replace them, or choose another --out"
+        )
+    check_writable(out, "--out")
 
 
-def reference_model(architecture: str, task_name: str, seed: int, cache: Path, log) -> tuple[ModelAdapter, dict]:
-    """A reference model trained on ``task_name`` with ``seed``, from the cache when it is there."""
-    config = RecurrentConfig("gru", hidden_size=128, embedding_size=128) if architecture == "gru" else TransformerConfig()
-    folder = cache / f"{task_name}-{architecture}128-seed{seed}"
-    if (folder / "model.safetensors").exists():
-        log(f"  reusing {folder}")
-        model, info = load_model(folder), {"cached": True, "folder": str(folder)}
-    else:
-        log(f"  training {architecture} seed {seed} on {task_name} ...")
-        model, summary = train_lm(get_task(task_name), config, seed=seed)
-        save_model(model, folder)
-        log(f"  done in {summary.seconds:.0f}s ({summary.steps} steps, held-out accuracy {summary.check_trial_accuracy:.3f}); saved to {folder}")
-        info = {"cached": False, "folder": str(folder), "training_seconds": summary.seconds, "training_steps": summary.steps}
-    name = f"{architecture}_seed{seed}"
-    if architecture == "gru":
-        return TorchModuleAdapter(model, name=name), info
-    from .adapters.transformer_lens import TransformerLensAdapter
+def check_writable(folder: Path, what: str) -> None:
+    try:
+        storage.check_writable(folder)
+    except OSError as error:
+        raise SystemExit(f"masalign demo: {what}: {error}; choose a writable folder") from None
 
-    return TransformerLensAdapter(model, name=name), info
+
+def write_text_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def run_demo(args: argparse.Namespace) -> dict:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out, args.overwrite)
+    check_writable(Path(args.cache), "--cache")
     log = print if not args.quiet else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     task = get_task(args.task)
@@ -70,11 +67,11 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     log(f"[1/4] reference models ({args.pair} on {args.task})")
     models, model_info, sites = {}, {}, {}
-    for architecture, seed in PAIRS[args.pair]:
+    for architecture, seed in DEMO_PAIRS[args.pair]:
         adapter, info = reference_model(architecture, args.task, seed, Path(args.cache), log)
         name = f"{architecture}_seed{seed}"
         models[name], model_info[name] = adapter, info
-        sites[name] = args.transformer_site if architecture == "transformer" else SITES[architecture]
+        sites[name] = args.transformer_site if architecture == "transformer" else DEMO_SITES[architecture]
     names = list(models)
     times["models"] = time.perf_counter() - started
 
@@ -100,7 +97,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     times["evaluate"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - started
 
-    alignment.save(out / "alignment")
+    alignment.save(out / "alignment", overwrite=args.overwrite)
     report.plot(out / "iia.png")
     document = {
         "task": args.task,
@@ -108,7 +105,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         "sites": sites,
         "variable": "count",
         "models": names,
-        "seeds": {"models": {f"{a}_seed{s}": s for a, s in PAIRS[args.pair]}, "alignment": args.seed},
+        "seeds": {"models": {f"{a}_seed{s}": s for a, s in DEMO_PAIRS[args.pair]}, "alignment": args.seed},
         "subspace_dim": args.subspace_dim,
         "iia": report.iia,
         "iia_token": report.iia_token,
@@ -122,11 +119,21 @@ def run_demo(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    (out / "report.json").write_text(json.dumps(document, indent=2))
+    write_text_atomically(out / "report.json", json.dumps(document, indent=2))
     log("")
     log(report.table())
     log(f"\nwrote {out / 'report.json'}, {out / 'iia.png'} and {out / 'alignment'}/ in {times['total']:.0f}s")
     return document
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive; it must be at least 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,19 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="align two GRU seeds on the numeric task and report IIA")
     demo.add_argument("--out", default="demo_out", help="folder for report.json, iia.png and the alignment")
     demo.add_argument("--task", default="multi_object", choices=["multi_object", "single_object", "same_object"])
-    demo.add_argument("--pair", default="gru-gru", choices=sorted(PAIRS), help="which two models to align (seeds 0 and 1)")
-    demo.add_argument("--transformer-site", default=SITES["transformer"], help="the transformer's site for --pair gru-transformer")
-    demo.add_argument("--subspace-dim", type=int, default=16)
-    demo.add_argument("--steps", type=int, default=1000, help="most training steps (early stopping may end sooner)")
+    demo.add_argument("--pair", default="gru-gru", choices=sorted(DEMO_PAIRS), help="which two models to align (seeds 0 and 1)")
+    demo.add_argument("--transformer-site", default=DEMO_SITES["transformer"], help="the transformer's site for --pair gru-transformer")
+    demo.add_argument("--subspace-dim", type=positive_int, default=16)
+    demo.add_argument("--steps", type=positive_int, default=1000, help="most training steps (early stopping may end sooner)")
     demo.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (the reference uses 1e-3 with more steps)")
-    demo.add_argument("--batch-size", type=int, default=128)
-    demo.add_argument("--eval-every", type=int, default=50)
-    demo.add_argument("--train-pairs", type=int, default=10000)
-    demo.add_argument("--valid-pairs", type=int, default=500)
-    demo.add_argument("--test-pairs", type=int, default=2000)
+    demo.add_argument("--batch-size", type=positive_int, default=128)
+    demo.add_argument("--eval-every", type=positive_int, default=50)
+    demo.add_argument("--train-pairs", type=positive_int, default=10000)
+    demo.add_argument("--valid-pairs", type=positive_int, default=500)
+    demo.add_argument("--test-pairs", type=positive_int, default=2000)
     demo.add_argument("--seed", type=int, default=0, help="seed of the alignment and the pairs")
     demo.add_argument("--cache", default=str(default_cache()), help="where trained reference models are kept")
     demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     convert = commands.add_parser("convert-gguf", help="convert a GGUF file, or smollm2-135m / gemma3-270m, to a Hugging Face folder")
     convert.add_argument("model", metavar="GGUF_OR_NAME", help="a .gguf file, or a pretrained model's name (masalign.pretrained.PRETRAINED)")
     convert.add_argument("--out", default=None, help="the folder to write (default: under $MASALIGN_CACHE)")

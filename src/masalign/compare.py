@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .adapters import ModelAdapter
 from .adapters.base import check_finite
-from .data import ModelInputs, index_inputs, inputs_to
+from .data import ModelInputs, batches, index_inputs, inputs_to
 from .evaluate import IIAReport
 from .similarity import DSA, compare_all
 
@@ -27,9 +27,7 @@ def paired_activations(
 ) -> Tensor:
     """``(N * n_slots, width)`` activations of ``model`` at ``site``: one row per (example, slot)."""
     parts = []
-    n = positions.shape[0]
-    for start in range(0, n, batch_size):
-        index = torch.arange(start, min(start + batch_size, n))
+    for index in batches(positions.shape[0], batch_size):
         hidden = model.activations(inputs_to(index_inputs(inputs, index), model.device), site, positions[index].to(model.device))
         parts.append(hidden.reshape(-1, hidden.shape[-1]).cpu())
     rows = torch.cat(parts)

@@ -20,21 +20,50 @@ position correspondence between the models.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Union
 
 import torch
 from torch import Tensor
 
+# One inputs type for the whole library: the adapters define what a model takes.
+from .adapters.base import ModelInputs
+
 IGNORE_INDEX = -100
-ModelInputs = Union[Tensor, Mapping[str, Tensor]]
+
+
+def _as_tensor(value: object, name: str) -> Tensor:
+    """A tensor from a tensor, a numpy array or a rectangular nested list, or a clear error."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (list, tuple)) or type(value).__module__ == "numpy":
+        try:
+            return torch.as_tensor(value)
+        except (ValueError, TypeError) as error:
+            raise TypeError(
+                f"{name} could not be turned into a tensor ({error}); pass a torch tensor of shape (N, ...), "
+                "with every row padded to the same length"
+            ) from None
+    raise TypeError(f"{name} must be a torch tensor (or a numpy array / nested list of ints), got {type(value).__name__}")
+
+
+def _as_inputs(value: object, name: str) -> ModelInputs:
+    if isinstance(value, Mapping):
+        if not value:
+            raise ValueError(
+                f"{name} is an empty mapping; give token ids as a (N, T) tensor or a mapping such as "
+                "{'input_ids': ..., 'attention_mask': ...}"
+            )
+        return {key: _as_tensor(item, f"{name}[{key!r}]") for key, item in value.items()}
+    return _as_tensor(value, name)
 
 
 def _rows(inputs: ModelInputs) -> int:
-    if isinstance(inputs, Tensor):
-        return inputs.shape[0]
-    return next(iter(inputs.values())).shape[0]
+    first = inputs if isinstance(inputs, Tensor) else next(iter(inputs.values()))
+    if first.dim() == 0:
+        raise ValueError("got a single number where a tensor with one row per example was expected, shape (N, ...)")
+    return first.shape[0]
 
 
 def index_inputs(inputs: ModelInputs, index: Tensor) -> ModelInputs:
@@ -48,6 +77,14 @@ def inputs_to(inputs: ModelInputs, device: torch.device | str) -> ModelInputs:
     if isinstance(inputs, Tensor):
         return inputs.to(device)
     return {key: value.to(device) for key, value in inputs.items()}
+
+
+def batches(n: int, batch_size: int) -> Iterator[Tensor]:
+    """Row indices ``0..n-1`` in order, ``batch_size`` at a time (the last batch may be smaller)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    for start in range(0, n, batch_size):
+        yield torch.arange(start, min(start + batch_size, n))
 
 
 @dataclass
@@ -72,6 +109,12 @@ class CounterfactualPairs:
     variable: str = "count"
 
     def __post_init__(self) -> None:
+        for name in ("base_inputs", "source_inputs"):
+            setattr(self, name, _as_inputs(getattr(self, name), name))
+        for name in ("base_positions", "source_positions", "labels"):
+            setattr(self, name, _as_tensor(getattr(self, name), name))
+        if not isinstance(self.variable, str) or not self.variable:
+            raise TypeError(f"variable must be a non-empty string naming the causal variable, got {self.variable!r}")
         n = _rows(self.base_inputs)
         if n == 0:
             raise ValueError("the counterfactual dataset is empty: it needs at least one pair")
@@ -86,6 +129,11 @@ class CounterfactualPairs:
                 raise ValueError(f"{name} must be (N, n_slots); got shape {tuple(value.shape)}")
             if value.dtype.is_floating_point:
                 raise TypeError(f"{name} must hold integer positions, got {value.dtype}")
+        if self.base_positions.shape[1] == 0:
+            raise ValueError(
+                "base_positions has zero slots per pair, so nothing would be intervened on and IIA would be the "
+                "models' unchanged behaviour; give at least one position per pair, shape (N, n_slots >= 1)"
+            )
         if self.base_positions.shape[1] != self.source_positions.shape[1]:
             raise ValueError(
                 f"base_positions has {self.base_positions.shape[1]} slots per pair but source_positions has "
@@ -151,6 +199,11 @@ def check_views(data: CounterfactualData) -> int:
     """Number of pairs; raises if the per-model views disagree on it or on the variable."""
     if isinstance(data, CounterfactualPairs):
         return len(data)
+    if not isinstance(data, Mapping) or not data or not all(isinstance(v, CounterfactualPairs) for v in data.values()):
+        raise TypeError(
+            "expected CounterfactualPairs, or a non-empty {model_name: CounterfactualPairs} mapping of per-model "
+            f"views; got {type(data).__name__}" + (" (empty)" if isinstance(data, (list, tuple, Mapping)) and not data else "")
+        )
     sizes = {name: len(view) for name, view in data.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"the per-model views must hold the same pairs in the same order; their sizes differ: {sizes}")
@@ -180,6 +233,8 @@ class LabelledSequences:
     labels: Tensor
 
     def __post_init__(self) -> None:
+        self.inputs = _as_inputs(self.inputs, "inputs")
+        self.labels = _as_tensor(self.labels, "labels")
         if _rows(self.inputs) == 0:
             raise ValueError("the dataset is empty")
         if _rows(self.labels) != _rows(self.inputs):
@@ -194,6 +249,8 @@ class LabelledSequences:
 
 __all__ = [
     "IGNORE_INDEX",
+    "ModelInputs",
+    "batches",
     "CounterfactualPairs",
     "CounterfactualData",
     "LabelledSequences",

@@ -9,19 +9,20 @@ untrained alignment (the floor).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .adapters import ModelAdapter
 from .data import (
-    IGNORE_INDEX,
     CounterfactualData,
     LabelledSequences,
+    ModelInputs,
+    batches,
     check_views,
     index_inputs,
     inputs_to,
@@ -29,50 +30,7 @@ from .data import (
     view_for,
 )
 from .mas import ModelAlignment
-
-Direction = tuple[str, str]
-
-
-def direction_name(direction: Direction) -> str:
-    return f"{direction[0]}->{direction[1]}"
-
-
-def all_directions(models: Sequence[str]) -> list[Direction]:
-    """Every (source, target) pair, including source = target (METHOD.md section 4)."""
-    return [(s, t) for s in models for t in models]
-
-
-def check_directions(alignment: ModelAlignment, directions: Sequence[Direction] | None) -> list[Direction]:
-    if directions is None:
-        return all_directions(alignment.model_names)
-    checked = []
-    for direction in directions:
-        if len(direction) != 2 or any(m not in alignment.models for m in direction):
-            raise ValueError(f"direction {direction!r} must be a (source, target) pair of model names from {alignment.model_names}")
-        checked.append((direction[0], direction[1]))
-    if not checked:
-        raise ValueError("directions is empty; give at least one (source, target) pair")
-    return checked
-
-
-def correct_counts(logits: Tensor, labels: Tensor) -> tuple[int, int, int]:
-    """(correct trials, correct label tokens, label tokens) for ``(batch, seq, vocab)`` logits."""
-    if logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)} in (batch, seq)")
-    mask = labels != IGNORE_INDEX
-    hits = logits.argmax(-1) == labels
-    trials = int((hits | ~mask).all(dim=1).sum())
-    return trials, int((hits & mask).sum()), int(mask.sum())
-
-
-def intervention_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    if logits.shape[:2] != labels.shape:
-        raise ValueError(
-            f"the target's logits have shape {tuple(logits.shape)} but the labels {tuple(labels.shape)}: labels need "
-            "one entry per base input position"
-        )
-    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
-
+from .objectives import Direction, Matrix, check_directions, correct_counts, intervention_loss, to_matrix
 
 @dataclass
 class DirectionScores:
@@ -106,8 +64,9 @@ def interchange_scores(
         view = view_for(data, target)
         trials = tokens = label_tokens = 0
         loss_sum = 0.0
-        for start in range(0, n, batch_size):
-            index = torch.arange(start, min(start + batch_size, n))
+        for index in batches(n, batch_size):
+            if index[0] == 0:
+                view.check_vocabulary(vocabulary_size(alignment.models[target], view.base_inputs), f"model {target!r}")
             labels = view.labels[index].to(device)
             logits = alignment.intervened_logits(
                 source,
@@ -125,13 +84,24 @@ def interchange_scores(
 
 
 @torch.no_grad()
+def vocabulary_size(adapter: ModelAdapter, inputs: ModelInputs) -> int:
+    """The number of logits ``adapter``'s model gives, from one run on the first row of ``inputs``."""
+    return adapter.logits(inputs_to(index_inputs(inputs, torch.arange(1)), adapter.device)).shape[-1]
+
+
+@torch.no_grad()
 def task_accuracy(adapter: ModelAdapter, data: LabelledSequences, batch_size: int = 256) -> tuple[float, float]:
     """(trial, token) accuracy of a model on its own task, without intervention: the ceiling."""
     trials = tokens = label_tokens = 0
     n = len(data)
-    for start in range(0, n, batch_size):
-        index = torch.arange(start, min(start + batch_size, n))
+    for index in batches(n, batch_size):
         logits = adapter.logits(inputs_to(index_inputs(data.inputs, index), adapter.device))
+        top = int(data.labels[index].max())
+        if top >= logits.shape[-1]:
+            raise ValueError(
+                f"ceiling data labels go up to token {top}, but the model has only {logits.shape[-1]} logits "
+                f"(token ids 0..{logits.shape[-1] - 1}): the labels are not in this model's vocabulary"
+            )
         t, k, m = correct_counts(logits, data.labels[index].to(logits.device))
         trials, tokens, label_tokens = trials + t, tokens + k, label_tokens + m
     return trials / n, tokens / max(label_tokens, 1)
@@ -142,7 +112,7 @@ def untrained_copy(alignment: ModelAlignment) -> ModelAlignment:
     fresh = ModelAlignment(
         alignment.models,
         alignment.sites,
-        alignment.subspace_dims,
+        alignment.subspace_dim,
         alignment=alignment.alignment_kind,
         alignment_options=alignment.alignment_options,
         keep_complement=alignment.keep_complement,
@@ -153,16 +123,13 @@ def untrained_copy(alignment: ModelAlignment) -> ModelAlignment:
     return fresh
 
 
-Matrix = dict[str, dict[str, float]]
-
-
 @dataclass
 class IIAReport:
     """IIA for every direction, with ceiling and floor. ``iia[source][target]``."""
 
     models: list[str]
     sites: dict[str, str]
-    subspace_dims: dict[str, int]
+    subspace_dim: dict[str, int]
     variable: str
     n_pairs: int
     iia: Matrix
@@ -183,7 +150,7 @@ class IIAReport:
         """A text table: IIA (floor) per direction, and each target's ceiling."""
         width = max(8, *(len(m) for m in self.models)) + 2
         cell = max(16, width + 2)
-        lines = [f"IIA on {self.variable!r} (trial accuracy; floor in brackets), {self.n_pairs} pairs, k = {self.subspace_dims}"]
+        lines = [f"IIA on {self.variable!r} (trial accuracy; floor in brackets), {self.n_pairs} pairs, k = {self.subspace_dim}"]
         lines.append("source \\ target".ljust(width + 8) + "".join(m.rjust(cell) for m in self.models))
         for source in self.models:
             cells = []
@@ -226,7 +193,7 @@ class IIAReport:
         ax.set_yticks(range(len(self.models)), self.models)
         ax.set_xlabel("target")
         ax.set_ylabel("source")
-        ax.set_title(f"IIA on {self.variable!r}, k = {sum(self.subspace_dims.values())}")
+        ax.set_title(f"IIA on {self.variable!r}, k = {sum(self.subspace_dim.values())}")
         ax.figure.colorbar(image, ax=ax, fraction=0.046)
         if path is not None:
             ax.figure.tight_layout()
@@ -237,10 +204,7 @@ class IIAReport:
 
 
 def _matrix(scores: Mapping[Direction, DirectionScores], models: Sequence[str], attr: str) -> Matrix:
-    matrix: Matrix = {s: {} for s in models}
-    for (s, t), value in scores.items():
-        matrix[s][t] = getattr(value, attr)
-    return matrix
+    return to_matrix({direction: getattr(value, attr) for direction, value in scores.items()}, models)
 
 
 def evaluate(
@@ -262,7 +226,7 @@ def evaluate(
     report = IIAReport(
         models=models,
         sites=dict(alignment.sites),
-        subspace_dims=dict(alignment.subspace_dims),
+        subspace_dim=dict(alignment.subspace_dim),
         variable=variable_of(test),
         n_pairs=check_views(test),
         iia=_matrix(scores, models, "trial_accuracy"),
@@ -274,32 +238,18 @@ def evaluate(
         report.floor_token = _matrix(floor_scores, models, "token_accuracy")
     if ceiling_data is not None:
         report.ceiling, report.ceiling_token = {}, {}
+        if not isinstance(ceiling_data, LabelledSequences):
+            if not isinstance(ceiling_data, Mapping):
+                raise TypeError(
+                    f"ceiling_data must be LabelledSequences or {{model_name: LabelledSequences}}, got {type(ceiling_data).__name__}"
+                )
+            missing = [m for m in models if m not in ceiling_data]
+            if missing:
+                raise ValueError(
+                    f"ceiling_data has task data for {sorted(ceiling_data)} but not for model(s) {missing}; give one "
+                    "entry per model, or one LabelledSequences shared by all"
+                )
         for name in models:
             data = ceiling_data if isinstance(ceiling_data, LabelledSequences) else ceiling_data[name]
             report.ceiling[name], report.ceiling_token[name] = task_accuracy(alignment.models[name], data, batch_size)
     return report
-
-
-def iia_by_subspace_dim(
-    build: Callable[[int], ModelAlignment],
-    subspace_dims: Sequence[int],
-    train: CounterfactualData,
-    valid: CounterfactualData,
-    test: CounterfactualData,
-    fit_options: Mapping[str, Any] | None = None,
-    ceiling_data: LabelledSequences | Mapping[str, LabelledSequences] | None = None,
-) -> dict[int, IIAReport]:
-    """Fit and evaluate one alignment per subspace size: the IIA-against-``k`` curve.
-
-    ``build(k)`` returns a fresh :class:`ModelAlignment` with subspace size ``k``.
-    """
-    from .train import fit
-
-    reports = {}
-    for k in subspace_dims:
-        alignment = build(k)
-        result = fit(alignment, train, valid, **dict(fit_options or {}))
-        report = evaluate(alignment, test, ceiling_data=ceiling_data)
-        report.extra["fit"] = result.summary()
-        reports[k] = report
-    return reports

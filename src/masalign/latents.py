@@ -9,7 +9,7 @@ produce. The CL loss pulls the intervened activation ``h~_t`` towards ``c``.
 Three steps, all plain functions:
 
 1. :func:`find_counterfactual_latents` (any causal model, through a state
-   function) or :func:`counterfactual_latent_index` (the numeric tasks) choose,
+   function; ``NumericTask.latent_targets`` for the numeric tasks) chooses,
    for every pair, a ``(pool row, position)`` with the right natural state;
    pairs without one are masked out (:class:`LatentTargets`).
 2. :func:`natural_latents` reads the target model's activations there.
@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import CounterfactualPairs, ModelInputs, index_inputs, inputs_to
-from .tasks import CausalState, NumericTask
+from .data import CounterfactualPairs, ModelInputs, batches, index_inputs, inputs_to
 
 if TYPE_CHECKING:
     from .adapters import ModelAdapter
@@ -74,11 +73,6 @@ class LatentTargets:
 def take_source_state(base_state: Hashable, source_state: Hashable) -> Hashable:
     """The intervened state when the variable is the whole state: the source's."""
     return source_state
-
-
-def numeric_intervened_state(base_state: CausalState, source_state: CausalState) -> CausalState:
-    """Interchange on ``count`` in the numeric tasks: the source's count, the base's phase."""
-    return CausalState(source_state.count, base_state.phase)
 
 
 def _token_rows(inputs: ModelInputs, what: str) -> list[list[int]]:
@@ -163,27 +157,6 @@ def find_counterfactual_latents(
     return LatentTargets(torch.tensor(pool_row), torch.tensor(pool_position), torch.tensor(found, dtype=torch.bool))
 
 
-def counterfactual_latent_index(
-    pairs: CounterfactualPairs,
-    task: NumericTask,
-    pool_inputs: ModelInputs | None = None,
-    seed: int = 0,
-) -> LatentTargets:
-    """:func:`find_counterfactual_latents` for an interchange on ``count`` in a numeric task.
-
-    The target state is ``(count = the source's count at its position, phase =
-    the base's phase at its position)``. ``pool_inputs`` defaults to the pairs'
-    own ``source_inputs`` (natural task sequences, whose activations are often
-    read anyway), so ``pool_row`` then indexes ``pairs.source_inputs``.
-
-    Some targets never occur naturally, e.g. count 0 in the demo phase, or the
-    largest count in the response phase (the count drops to ``n - 1`` at the
-    first ``R``); those pairs are always masked out.
-    """
-    pool = pairs.source_inputs if pool_inputs is None else pool_inputs
-    return find_counterfactual_latents(pairs, pool, task.states, numeric_intervened_state, seed)
-
-
 @torch.no_grad()
 def natural_latents(
     adapter: ModelAdapter,
@@ -199,8 +172,7 @@ def natural_latents(
     position 0; mask them with ``targets.found``.
     """
     parts = []
-    for start in range(0, len(targets), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(targets)))
+    for index in batches(len(targets), batch_size):
         rows = index_inputs(pool_inputs, targets.pool_row[index])
         positions = targets.pool_position[index, None].to(adapter.device)
         parts.append(adapter.activations(inputs_to(rows, adapter.device), site, positions)[:, 0])
@@ -344,10 +316,8 @@ __all__ = [
     "RangeExcess",
     "StateFunction",
     "cl_loss",
-    "counterfactual_latent_index",
     "find_counterfactual_latents",
     "natural_latents",
-    "numeric_intervened_state",
     "range_excess",
     "symmetric_kl_histogram",
     "take_source_state",

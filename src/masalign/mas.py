@@ -9,21 +9,49 @@ evaluation in :mod:`masalign.evaluate`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .adapters import ModelAdapter
 from .adapters.base import check_finite, unknown_site_error
-from .alignment import AlignmentFunction, make_alignment
-from .data import CounterfactualData, ModelInputs, check_views, index_inputs, inputs_to, view_for
+from .alignment import make_alignment
+from .data import CounterfactualData, ModelInputs, batches, check_views, index_inputs, inputs_to, view_for
+from .storage import FORMAT_VERSION, atomic_folder, read_save, write_json, write_tensors
 
-FORMAT_VERSION = 1
+
+def _check_subspace_dim(
+    subspace_dim: int | Mapping[str, int] | None, older_spelling: int | Mapping[str, int] | None, variable: str
+) -> dict[str, int]:
+    """``{variable: k}`` with every ``k`` a positive integer, or a clear error."""
+    if subspace_dim is None and older_spelling is None:
+        raise TypeError("ModelAlignment needs subspace_dim: the size k of the variable's subspace, e.g. subspace_dim=16")
+    if subspace_dim is not None and older_spelling is not None:
+        raise TypeError("give subspace_dim only (subspace_dims is its older spelling), not both")
+    value = subspace_dim if subspace_dim is not None else older_spelling
+    sizes = dict(value) if isinstance(value, Mapping) else {variable: value}
+    if not sizes:
+        raise ValueError("subspace_dim is an empty mapping; give {variable: k} with at least one variable")
+    for name, k in sizes.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"variable names in subspace_dim must be non-empty strings; got {name!r}")
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(
+                f"subspace_dim for variable {name!r} must be an int (the number of aligned dimensions), got "
+                f"{k!r} of type {type(k).__name__}; e.g. subspace_dim=16"
+            )
+        if k < 1:
+            raise ValueError(
+                f"subspace_dim for variable {name!r} is {k}; a subspace needs at least one dimension "
+                "(k = 0 would train nothing and report the untrained model's behaviour as IIA)"
+            )
+    return sizes
 
 
 class ModelAlignment(nn.Module):
@@ -32,14 +60,15 @@ class ModelAlignment(nn.Module):
     Args:
         models: name -> wrapped model (any :class:`~masalign.adapters.ModelAdapter`).
         sites: name -> site in that model (one string: the same site in every model).
-        subspace_dims: size ``k`` of the variable's subspace (an int: one variable,
+        subspace_dim: size ``k`` of the variable's subspace (an int: one variable,
             named by ``variable``), or ``{variable: k}`` for several variables,
             which get disjoint blocks of aligned coordinates in that order.
+            (``subspace_dims=`` is accepted as an older spelling.)
         alignment: the kind of alignment function (``"orthogonal"`` by default).
         alignment_options: extra arguments for it (``full_rotation=True``).
         keep_complement: ``False`` zeroes the target's complement (stitching).
         seed: initialisation seed.
-        variable: the variable's name when ``subspace_dims`` is an int.
+        variable: the variable's name when ``subspace_dim`` is an int.
 
     Every model must be on the same device. ``k`` (all blocks together) must not
     exceed any model's width at its site.
@@ -49,12 +78,13 @@ class ModelAlignment(nn.Module):
         self,
         models: Mapping[str, ModelAdapter],
         sites: Mapping[str, str] | str,
-        subspace_dims: int | Mapping[str, int],
+        subspace_dim: int | Mapping[str, int] | None = None,
         alignment: str = "orthogonal",
         alignment_options: Mapping[str, Any] | None = None,
         keep_complement: bool = True,
         seed: int = 0,
         variable: str = "count",
+        subspace_dims: int | Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         if not models:
@@ -64,13 +94,10 @@ class ModelAlignment(nn.Module):
         missing = set(self.models) - set(self.sites)
         if missing:
             raise ValueError(f"no site given for model(s) {sorted(missing)}; pass sites={{name: site}} for every model")
-        self.subspace_dims = {variable: subspace_dims} if isinstance(subspace_dims, int) else dict(subspace_dims)
-        for name, k in self.subspace_dims.items():
-            if k < 0:
-                raise ValueError(f"subspace_dims[{name!r}] = {k}; a subspace size cannot be negative")
+        self.subspace_dim = _check_subspace_dim(subspace_dim, subspace_dims, variable)
         self.blocks: dict[str, slice] = {}
         offset = 0
-        for name, k in self.subspace_dims.items():
+        for name, k in self.subspace_dim.items():
             self.blocks[name] = slice(offset, offset + k)
             offset += k
         self.n_aligned = offset
@@ -125,12 +152,10 @@ class ModelAlignment(nn.Module):
     def source_activations(self, model: str, inputs: ModelInputs, positions: Tensor, batch_size: int = 512) -> Tensor:
         """``(N, n_slots, width)`` activations of ``model`` at its site, without gradient."""
         adapter, site = self.models[model], self.sites[model]
-        n = positions.shape[0]
-        parts = []
-        for start in range(0, n, batch_size):
-            index = torch.arange(start, min(start + batch_size, n))
-            batch_inputs = index_inputs(inputs, index)
-            parts.append(adapter.activations(inputs_to(batch_inputs, self.device), site, positions[index].to(self.device)))
+        parts = [
+            adapter.activations(inputs_to(index_inputs(inputs, index), self.device), site, positions[index].to(self.device))
+            for index in batches(positions.shape[0], batch_size)
+        ]
         hidden = torch.cat(parts)
         check_finite(hidden, f"activations of model {model!r} at {site!r}")
         return hidden
@@ -197,7 +222,8 @@ class ModelAlignment(nn.Module):
             "models": self.model_names,
             "sites": self.sites,
             "widths": self.widths,
-            "subspace_dims": self.subspace_dims,
+            "architectures": {name: model_architecture(adapter, self.sites[name]) for name, adapter in self.models.items()},
+            "subspace_dim": self.subspace_dim,
             "alignment": self.alignment_kind,
             "alignment_options": self.alignment_options,
             "alignment_configs": {name: a.config() for name, a in self.alignments.items()},
@@ -205,23 +231,30 @@ class ModelAlignment(nn.Module):
             "seed": self.seed,
         }
 
-    def save(self, folder: str | Path) -> Path:
-        """Write ``alignment.safetensors`` and ``alignment.json`` into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{name}.{key}": value.detach().cpu().contiguous() for name, a in self.alignments.items() for key, value in a.state_dict().items()}
-        save_file(tensors, str(folder / "alignment.safetensors"))
-        (folder / "alignment.json").write_text(json.dumps(self.metadata(), indent=2))
-        return folder
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write ``alignment.safetensors``, ``alignment.json`` and ``manifest.json`` into ``folder``.
+
+        The write is atomic (an interrupted save leaves ``folder`` as it was). An
+        existing save in ``folder`` raises ``FileExistsError`` unless ``overwrite=True``.
+        """
+        tensors = {f"{name}.{key}": value for name, a in self.alignments.items() for key, value in a.state_dict().items()}
+        with atomic_folder(folder, SAVE_KIND, overwrite, replaceable=SAVE_FILES) as temporary:
+            write_tensors(temporary / TENSOR_FILE, tensors)
+            write_json(temporary / METADATA_FILE, self.metadata())
+        return Path(folder)
 
     @classmethod
-    def load(cls, folder: str | Path, models: Mapping[str, ModelAdapter]) -> ModelAlignment:
-        """Load a saved alignment onto ``models`` (same names, sites and widths)."""
-        folder = Path(folder)
-        meta_path, tensor_path = folder / "alignment.json", folder / "alignment.safetensors"
-        if not meta_path.exists() or not tensor_path.exists():
-            raise FileNotFoundError(f"{folder} does not hold a saved alignment (alignment.json and alignment.safetensors)")
-        meta = json.loads(meta_path.read_text())
+    def load(cls, folder: str | Path, models: Mapping[str, ModelAdapter], check_models: bool = True) -> ModelAlignment:
+        """Load a saved alignment onto ``models`` (same names, sites and widths).
+
+        Every file is checked against the manifest's SHA-256 first. With
+        ``check_models=True`` each model must also have the architecture it was saved
+        with (adapter class, model class, and the names and shapes of its
+        parameters); ``check_models=False`` skips that, for a model whose code was
+        renamed or reorganised but whose site still means the same thing.
+        """
+        saved = read_save(folder, SAVE_KIND, SAVE_FILES, "masalign alignment", METADATA_FILE)
+        meta = saved.json(METADATA_FILE)
         if set(models) != set(meta["models"]):
             raise ValueError(f"the alignment was saved for models {meta['models']}, got {sorted(models)}")
         for name, adapter in models.items():
@@ -234,18 +267,56 @@ class ModelAlignment(nn.Module):
                     f"model {name!r} has width {available[site]} at {site!r}, but the alignment was saved for width "
                     f"{meta['widths'][name]}: it belongs to another model"
                 )
+            if check_models and "architectures" in meta:  # legacy saves did not record them
+                check_architecture(name, meta["architectures"][name], model_architecture(adapter, site))
         alignment = cls(
             {name: models[name] for name in meta["models"]},
             meta["sites"],
-            meta["subspace_dims"],
+            meta["subspace_dim"] if "subspace_dim" in meta else meta["subspace_dims"],
             alignment=meta["alignment"],
             alignment_options=meta["alignment_options"],
             keep_complement=meta["keep_complement"],
             seed=meta["seed"],
         )
-        tensors = load_file(str(tensor_path))
+        tensors = saved.tensors(TENSOR_FILE)
+        tensor_path = Path(folder) / TENSOR_FILE
+        for key, value in tensors.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"{tensor_path} holds non-finite values in {key!r}; the save is corrupted")
         for name, a in alignment.alignments.items():
             prefix = f"{name}."
-            a.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            try:
+                a.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            except RuntimeError as exc:  # missing, extra or reshaped tensors
+                raise ValueError(f"{tensor_path} does not fit the alignment of model {name!r} in {METADATA_FILE}: {exc}") from exc
         return alignment.to(alignment.device)
 
+
+SAVE_KIND = "masalign.alignment"
+TENSOR_FILE, METADATA_FILE = "alignment.safetensors", "alignment.json"
+SAVE_FILES = (TENSOR_FILE, METADATA_FILE)
+
+
+def model_architecture(adapter: ModelAdapter, site: str) -> dict[str, Any]:
+    """What an alignment records about a model: adapter and model classes, site, width,
+    and a SHA-256 of its parameters' names and shapes (not their values)."""
+    shapes = [(name, list(p.shape)) for name, p in adapter.model.named_parameters()]
+    return {
+        "adapter": type(adapter).__name__,
+        "model_class": type(adapter.model).__name__,
+        "site": site,
+        "width": adapter.sites()[site],
+        "n_parameter_tensors": len(shapes),
+        "n_parameters": sum(math.prod(shape) for _, shape in shapes),
+        "parameter_fingerprint": hashlib.sha256(json.dumps(shapes).encode()).hexdigest(),
+    }
+
+
+def check_architecture(name: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    differences = [f"{key}: saved {saved.get(key)!r}, now {value!r}" for key, value in current.items() if saved.get(key) != value]
+    if differences:
+        raise ValueError(
+            f"model {name!r} is not the architecture the alignment was saved for ({'; '.join(differences)}). "
+            "Pass check_models=False to ModelAlignment.load if it is the same model under another class or "
+            "parameter names"
+        )

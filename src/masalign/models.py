@@ -14,18 +14,18 @@ and saved as ``model.safetensors`` plus ``config.json``; nothing is pickled.
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import IGNORE_INDEX
-from .evaluate import correct_counts
+from .objectives import correct_counts
+from .storage import FORMAT_VERSION, atomic_folder, read_save, write_json, write_tensors
 from .tasks import VOCAB_SIZE, NumericTask
 
 
@@ -159,27 +159,112 @@ def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
-def save_model(model: nn.Module, folder: str | Path) -> Path:
-    """Write a reference model as ``model.safetensors`` + ``config.json``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+MODEL_SAVE_KIND = "masalign.reference_model"
+MODEL_FILES = ("model.safetensors", "config.json")
+
+
+def save_model(model: nn.Module, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write a reference model as ``model.safetensors`` + ``config.json`` + ``manifest.json``.
+
+    Atomic (an interrupted save leaves ``folder`` as it was); an existing save in
+    ``folder`` raises ``FileExistsError`` unless ``overwrite=True``.
+    """
     config = model.config if isinstance(model, RecurrentLM) else getattr(model, "masalign_config", None)
     if not isinstance(config, (RecurrentConfig, TransformerConfig)):
         raise TypeError("save_model saves the reference models built by masalign.models; save other models with their own library")
     architecture = "recurrent" if isinstance(config, RecurrentConfig) else "transformer"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"architecture": architecture, **asdict(config)}, indent=2))
-    return folder
+    with atomic_folder(folder, MODEL_SAVE_KIND, overwrite, replaceable=MODEL_FILES) as temporary:
+        write_tensors(temporary / "model.safetensors", model.state_dict())
+        write_json(temporary / "config.json", {"format_version": FORMAT_VERSION, "architecture": architecture, **asdict(config)})
+    return Path(folder)
 
 
 def load_model(folder: str | Path) -> nn.Module:
     """Load a model written by :func:`save_model` (safetensors; nothing is unpickled)."""
-    folder = Path(folder)
-    if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
-        raise FileNotFoundError(f"{folder} does not hold a saved masalign reference model (config.json and model.safetensors)")
-    fields = json.loads((folder / "config.json").read_text())
+    saved = read_save(folder, MODEL_SAVE_KIND, MODEL_FILES, "masalign reference model", "config.json")
+    fields = saved.json("config.json")
+    fields.pop("format_version", None)
     architecture = fields.pop("architecture", "recurrent")
-    config: ModelConfig = RecurrentConfig(**fields) if architecture == "recurrent" else TransformerConfig(**fields)
+    config_class = {"recurrent": RecurrentConfig, "transformer": TransformerConfig}.get(architecture)
+    try:
+        if config_class is None:
+            raise TypeError(f"unknown architecture {architecture!r}")
+        config: ModelConfig = config_class(**fields)
+    except TypeError as exc:  # unknown architecture or fields
+        raise ValueError(f"{Path(folder) / 'config.json'} is not a reference model's config ({exc})") from exc
     model = build_model(config)
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    try:
+        model.load_state_dict(saved.tensors("model.safetensors"))
+    except RuntimeError as exc:  # missing, extra or reshaped tensors
+        raise ValueError(f"{Path(folder) / 'model.safetensors'} does not fit the model in config.json: {exc}") from exc
     return model.eval()
+
+
+# -- the demo's reference models, trained once and cached ------------------------------------
+
+
+def default_cache() -> Path:
+    """Where trained reference models and converted pretrained models are kept:
+    ``$MASALIGN_CACHE``, else ``~/.cache/masalign``."""
+    return Path(os.environ.get("MASALIGN_CACHE", Path.home() / ".cache" / "masalign"))
+
+
+DEMO_PAIRS: dict[str, tuple[tuple[str, int], tuple[str, int]]] = {
+    # pair name: ((architecture, seed), (architecture, seed))
+    "gru-gru": (("gru", 0), ("gru", 1)),
+    "gru-transformer": (("gru", 0), ("transformer", 1)),
+}
+DEMO_SITES = {"gru": "rnn.h_l0", "transformer": "blocks.0.hook_resid_post"}
+ARCHITECTURES = tuple(DEMO_SITES)
+
+
+def reference_config(architecture: str) -> ModelConfig:
+    """The papers' shapes: a 1-layer GRU of width 128, or the 2-layer rotary transformer."""
+    if architecture == "gru":
+        return RecurrentConfig("gru", hidden_size=128, embedding_size=128)
+    if architecture == "transformer":
+        return TransformerConfig()
+    raise ValueError(f"unknown reference architecture {architecture!r}; choose one of {list(ARCHITECTURES)}")
+
+
+def reference_model(
+    architecture: str,
+    task_name: str,
+    seed: int,
+    cache: str | Path | None = None,
+    log: Any = print,
+) -> tuple[Any, dict[str, Any]]:
+    """A reference model trained on ``task_name`` with ``seed``, wrapped in its adapter.
+
+    Trained once and kept in ``cache`` (default :func:`default_cache`); later calls
+    load it. Returns ``(adapter, info)``: ``info`` says whether it came from the
+    cache, the folder, and the training time and steps when it was trained now.
+    """
+    from .adapters import TorchModuleAdapter, TransformerLensAdapter
+    from .tasks import get_task
+
+    config = reference_config(architecture)
+    folder = Path(cache if cache is not None else default_cache()) / f"{task_name}-{architecture}128-seed{seed}"
+    if folder.exists():
+        log(f"  reusing {folder}")
+        try:
+            model = load_model(folder)
+        except (ValueError, FileNotFoundError, OSError) as error:
+            raise ValueError(
+                f"the cached reference model in {folder} cannot be loaded ({error}); delete that folder "
+                f"(rm -r '{folder}') and it will be trained again"
+            ) from error
+        info = {"cached": True, "folder": str(folder)}
+    else:
+        log(f"  training {architecture} seed {seed} on {task_name} ...")
+        model, summary = train_lm(get_task(task_name), config, seed=seed)
+        save_model(model, folder)
+        log(
+            f"  done in {summary.seconds:.0f}s ({summary.steps} steps, held-out accuracy "
+            f"{summary.check_trial_accuracy:.3f}); saved to {folder}"
+        )
+        info = {"cached": False, "folder": str(folder), "training_seconds": summary.seconds, "training_steps": summary.steps}
+    name = f"{architecture}_seed{seed}"
+    if architecture == "gru":
+        return TorchModuleAdapter(model, name=name), info
+    return TransformerLensAdapter(model, name=name), info

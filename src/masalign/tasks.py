@@ -17,10 +17,14 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .data import IGNORE_INDEX, CounterfactualPairs, LabelledSequences
+from .data import IGNORE_INDEX, CounterfactualPairs, LabelledSequences, ModelInputs
+
+if TYPE_CHECKING:
+    from .latents import LatentTargets
 
 PAD, BOS, TRIGGER, EOS, RESPONSE, D0, D1, D2 = range(8)
 VOCAB = ("PAD", "B", "T", "E", "R", "D0", "D1", "D2")
@@ -114,6 +118,31 @@ class NumericTask:
             count += len(remaining_demo)
             return prefix + remaining_demo + [TRIGGER] + [self.response_token] * count + [EOS]
         return prefix + [self.response_token] * count + [EOS]
+
+    @staticmethod
+    def intervened_state(base_state: CausalState, source_state: CausalState) -> CausalState:
+        """The state an interchange on ``count`` should produce: the source's count, the base's phase."""
+        return CausalState(source_state.count, base_state.phase)
+
+    def latent_targets(
+        self, pairs: CounterfactualPairs, pool_inputs: ModelInputs | None = None, seed: int = 0
+    ) -> LatentTargets:
+        """Where each pair's counterfactual latent lies (METHOD.md section 5), for the CL loss.
+
+        :func:`masalign.latents.find_counterfactual_latents` with this task's causal
+        states: the target state is ``(count = the source's count at its position,
+        phase = the base's phase at its position)``. ``pool_inputs`` defaults to the
+        pairs' own ``source_inputs`` (natural task sequences, whose activations are
+        often read anyway), so ``pool_row`` then indexes ``pairs.source_inputs``.
+
+        Some targets never occur naturally, e.g. count 0 in the demo phase, or the
+        largest count in the response phase (the count drops to ``n - 1`` at the
+        first ``R``); those pairs are always masked out.
+        """
+        from .latents import find_counterfactual_latents
+
+        pool = pairs.source_inputs if pool_inputs is None else pool_inputs
+        return find_counterfactual_latents(pairs, pool, self.states, self.intervened_state, seed)
 
     def counterfactual_pairs(
         self, n_pairs: int, seed: int = 0, split: str | Sequence[int] = "all", variable: str = "count"

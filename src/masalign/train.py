@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,10 +24,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .adapters.base import check_finite
-from .data import CounterfactualData, check_views, index_inputs, inputs_to, variable_of, view_for
-from .evaluate import Direction, check_directions, direction_name, interchange_scores, intervention_loss
+from .data import CounterfactualData, CounterfactualPairs, check_views, index_inputs, inputs_to, variable_of, view_for
+from .evaluate import interchange_scores
 from .latents import LatentTargets, cl_loss, natural_latents, range_excess, symmetric_kl_histogram
 from .mas import ModelAlignment
+from .objectives import Direction, Matrix, check_directions, intervention_loss, to_matrix
 
 
 @dataclass
@@ -36,16 +39,29 @@ class FitResult:
     best_step: int
     stop_reason: str  # "target_accuracy", "patience", "max_steps" or "interrupted"
     best_valid_loss: float
-    best_valid_accuracy: dict[str, float]
+    best_valid_accuracy: dict[str, Matrix]  # variable -> {source: {target: trial accuracy}}
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
-    latent_diagnostics: dict[str, dict[str, float]] = field(default_factory=dict)
+    latent_diagnostics: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # source -> target -> name -> value
     latent_pairs_masked: int = 0
 
     def summary(self) -> dict[str, Any]:
+        """Everything but the history, JSON-serialisable."""
         summary = asdict(self)
         summary.pop("history")
         return summary
+
+    def __str__(self) -> str:
+        lines = [
+            f"fit: {self.steps} steps in {self.seconds:.1f}s, stopped by {self.stop_reason}; "
+            f"best at step {self.best_step} (validation loss {self.best_valid_loss:.4f})"
+        ]
+        for variable, matrix in self.best_valid_accuracy.items():
+            cells = ", ".join(f"{s}->{t} {v:.3f}" for s, row in matrix.items() for t, v in row.items())
+            lines.append(f"  validation IIA on {variable!r}: {cells}")
+        if self.latent_pairs_masked:
+            lines.append(f"  CL loss: {self.latent_pairs_masked} pairs without a counterfactual latent were masked out")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -64,7 +80,7 @@ class LatentObjective:
     Attributes:
         directions: (source, target) pairs, independent of the behavioural ones.
         targets: from :func:`masalign.latents.find_counterfactual_latents` or
-            :func:`masalign.latents.counterfactual_latent_index`, one per train pair.
+            :meth:`masalign.tasks.NumericTask.latent_targets`, one per train pair.
         pool_inputs: the sequences ``targets`` index (a mapping model -> inputs when
             the models tokenise differently).
         weight: epsilon, 0.85 in the reference's cl_mas config.
@@ -80,33 +96,54 @@ class LatentObjective:
 
 @contextlib.contextmanager
 def frozen_models(alignment: ModelAlignment) -> Iterator[None]:
-    """Models in eval mode with gradients off for their parameters; restored afterwards."""
+    """Models in eval mode with gradients off for their parameters; restored afterwards.
+
+    Only flags that were changed are written back, so parameters whose flag cannot
+    be set (inference tensors, which never require grad) are left alone, and one
+    model's failure to restore cannot leave another model changed.
+    """
     saved = []
-    for adapter in alignment.models.values():
-        model = adapter.model
-        saved.append((model, model.training, [(p, p.requires_grad) for p in model.parameters()]))
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
     try:
+        for adapter in alignment.models.values():
+            model = adapter.model
+            # Inference tensors can be switched off but never back on: leave them as they are.
+            saved.append((model, model.training, [p for p in model.parameters() if p.requires_grad and not p.is_inference()]))
+            model.eval()
+            for p in saved[-1][2]:
+                p.requires_grad_(False)
         yield
     finally:
-        for model, training, flags in saved:
+        for model, training, trainable in saved:
             model.train(training)
-            for p, flag in flags:
-                p.requires_grad_(flag)
+            for p in trainable:
+                p.requires_grad_(True)
 
 
-def _as_list(data: CounterfactualData | Sequence[CounterfactualData]) -> list[CounterfactualData]:
-    if isinstance(data, (list, tuple)):
-        return list(data)
-    return [data]  # type: ignore[list-item]
+def _as_list(data: CounterfactualData | Sequence[CounterfactualData], what: str) -> list[CounterfactualData]:
+    items = list(data) if isinstance(data, (list, tuple)) else [data]
+    if not items:
+        raise ValueError(f"{what} is an empty list; pass CounterfactualPairs (or a list of them, one per variable)")
+    for item in items:
+        is_views = isinstance(item, dict) and item and all(isinstance(v, CounterfactualPairs) for v in item.values())
+        if not isinstance(item, CounterfactualPairs) and not is_views:
+            raise TypeError(
+                f"{what} must be CounterfactualPairs, a {{model_name: CounterfactualPairs}} mapping, or a list of "
+                f"those (one per variable); got {type(item).__name__}"
+            )
+    return items
 
 
 def _by_variable(alignment: ModelAlignment, data: CounterfactualData | Sequence[CounterfactualData], what: str) -> dict[str, CounterfactualData]:
     by_variable: dict[str, CounterfactualData] = {}
-    for item in _as_list(data):
+    for item in _as_list(data, what):
         check_views(item)
+        if not isinstance(item, CounterfactualPairs):
+            missing = set(alignment.models) - set(item)
+            if missing:
+                raise ValueError(
+                    f"{what} has per-model views for {sorted(item)} but not for model(s) {sorted(missing)}; "
+                    "give a view for every model of the alignment"
+                )
         variable = variable_of(item)
         if variable not in alignment.blocks:
             raise ValueError(f"{what} pairs are for variable {variable!r}, but the alignment has variables {list(alignment.blocks)}")
@@ -114,6 +151,25 @@ def _by_variable(alignment: ModelAlignment, data: CounterfactualData | Sequence[
             raise ValueError(f"{what} has two datasets for variable {variable!r}")
         by_variable[variable] = item
     return by_variable
+
+
+def _check_inputs(alignment: ModelAlignment, data: dict[str, CounterfactualData], what: str) -> None:
+    """Every row of every model's view through its adapter's ``check_inputs``, if it has one, before any run.
+
+    The adapters know what their model accepts (vocabulary, context, masks); on the
+    whole dataset their errors name the dataset's row, not a batch's.
+    """
+    for name, adapter in alignment.models.items():
+        check = getattr(adapter, "check_inputs", None)
+        if check is None:
+            continue
+        for item in data.values():
+            view = view_for(item, name)
+            for side in ("base", "source"):
+                try:
+                    check(getattr(view, f"{side}_inputs"), getattr(view, f"{side}_positions"))
+                except (ValueError, IndexError, TypeError) as error:
+                    raise type(error)(f"{what} pairs of {view.variable!r}, {side}_inputs / {side}_positions for model {name!r}: {error}") from error
 
 
 def _check_vocabulary(alignment: ModelAlignment, data: dict[str, CounterfactualData], directions: list[Direction]) -> None:
@@ -192,6 +248,185 @@ def _prepare_latents(
     )
 
 
+def _check_fit_options(
+    steps: int, batch_size: int, eval_every: int, patience: int, lr: float, min_delta: float, target_accuracy: float
+) -> None:
+    """Refuse settings that would train nothing or train silently wrong, saying which and why."""
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every), ("patience", patience)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite positive number (the reference uses 1e-3), got {lr!r}")
+    if not isinstance(min_delta, numbers.Real) or not math.isfinite(min_delta) or min_delta < 0:
+        raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
+    if not isinstance(target_accuracy, numbers.Real) or not 0 < target_accuracy <= 1:
+        raise ValueError(f"target_accuracy must be in (0, 1] (the reference uses 0.995), got {target_accuracy!r}")
+
+
+class _BatchSampler:
+    """Shuffled row indices, ``batch_size`` at a time, for each variable's pairs.
+
+    Each variable walks its own permutation and reshuffles when fewer than a full
+    batch remains, so every batch has the same size; the seed fixes the order.
+    """
+
+    def __init__(self, sizes: dict[str, int], batch_size: int, seed: int) -> None:
+        self.sizes, self.batch_size = sizes, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.orders = {v: torch.randperm(n, generator=self.generator) for v, n in sizes.items()}
+        self.cursors = {v: 0 for v in sizes}
+
+    def next(self) -> dict[str, Tensor]:
+        batch = {}
+        for variable, n in self.sizes.items():
+            if self.cursors[variable] + self.batch_size > n:
+                self.orders[variable] = torch.randperm(n, generator=self.generator)
+                self.cursors[variable] = 0
+            start = self.cursors[variable]
+            batch[variable] = self.orders[variable][start : start + self.batch_size]
+            self.cursors[variable] += self.batch_size
+        return batch
+
+
+def _source_cache(
+    alignment: ModelAlignment, data: dict[str, CounterfactualData], sources: Sequence[str]
+) -> dict[str, dict[str, Tensor]]:
+    """variable -> source model -> its activations at the source positions, read once without gradient."""
+    return {
+        variable: {s: alignment.source_activations(s, view_for(d, s).source_inputs, view_for(d, s).source_positions) for s in sources}
+        for variable, d in data.items()
+    }
+
+
+def _non_finite_loss(step: int, what: str) -> FloatingPointError:
+    return FloatingPointError(
+        f"the {what} became NaN or infinite at step {step}: check that the models' logits are finite on these inputs "
+        "(model.logits(...)) and lower lr; the alignment was reset to its best state so far"
+    )
+
+
+def _training_step(
+    alignment: ModelAlignment,
+    optimizer: torch.optim.Optimizer,
+    train_data: dict[str, CounterfactualData],
+    train_cache: dict[str, dict[str, Tensor]],
+    directions: list[Direction],
+    batch: dict[str, Tensor],
+    latent: _PreparedLatents | None,
+    step: int,
+) -> float:
+    """One optimiser step on the summed loss over variables and directions; returns that loss."""
+    device = alignment.device
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for variable, item in train_data.items():
+        index = batch[variable]
+        losses = []
+        for source, target in directions:
+            view = view_for(item, target)
+            logits = alignment.intervened_logits(
+                source,
+                target,
+                train_cache[variable][source][index].to(device),
+                inputs_to(index_inputs(view.base_inputs, index), device),
+                view.base_positions[index].to(device),
+                variable,
+            )
+            losses.append(intervention_loss(logits, view.labels[index].to(device)))
+            # One backward per direction frees its graph at once; the gradients
+            # add up exactly as for the summed loss.
+            losses[-1].backward()
+        if latent is not None and variable == latent.variable:
+            for source, target in latent.directions:
+                intervened = latent.intervened(alignment, source, target, index)
+                losses.append(latent.weight * cl_loss(intervened, latent.natural[target][index], latent.kind, latent.found[index]))
+                losses[-1].backward()
+        step_loss = sum(float(loss) for loss in losses)
+        if not math.isfinite(step_loss):
+            raise _non_finite_loss(step, f"training loss of variable {variable!r}")
+        total += step_loss
+    optimizer.step()
+    return total
+
+
+def _validate(
+    alignment: ModelAlignment,
+    valid_data: dict[str, CounterfactualData],
+    valid_cache: dict[str, dict[str, Tensor]],
+    directions: list[Direction],
+    step: int,
+) -> tuple[float, dict[str, Matrix]]:
+    """Summed validation loss, and trial accuracy per variable and direction."""
+    loss, accuracy = 0.0, {}
+    for variable, item in valid_data.items():
+        scores = interchange_scores(alignment, item, directions, source_cache=valid_cache[variable])
+        accuracy[variable] = to_matrix({d: score.trial_accuracy for d, score in scores.items()}, alignment.model_names)
+        loss += sum(score.loss for score in scores.values())
+    if not math.isfinite(loss):
+        raise _non_finite_loss(step, "validation loss")
+    return loss, accuracy
+
+
+class _EarlyStopping:
+    """Keeps the best state (highest mean validation trial accuracy, ties by lower loss)
+    and says when to stop: every direction at ``target_accuracy``, or no loss
+    improvement of ``min_delta`` for ``patience`` validations."""
+
+    def __init__(self, alignment: ModelAlignment, patience: int, min_delta: float, target_accuracy: float) -> None:
+        self.alignment = alignment
+        self.patience, self.min_delta, self.target_accuracy = patience, min_delta, target_accuracy
+        self.best_state = copy.deepcopy(alignment.state_dict())
+        self.best_key = (-math.inf, -math.inf)
+        self.best_step, self.best_loss = 0, math.inf
+        self.best_accuracy: dict[str, Matrix] = {}
+        self.loss_to_beat, self.stale = math.inf, 0
+
+    def update(self, step: int, loss: float, accuracy: dict[str, Matrix]) -> str | None:
+        """Record one validation; returns the stop reason, or ``None`` to go on."""
+        values = [v for matrix in accuracy.values() for row in matrix.values() for v in row.values()]
+        key = (sum(values) / len(values), -loss)
+        if key > self.best_key:
+            self.best_key, self.best_step, self.best_loss, self.best_accuracy = key, step, loss, accuracy
+            self.best_state = copy.deepcopy(self.alignment.state_dict())
+        if loss < self.loss_to_beat - self.min_delta:
+            self.loss_to_beat, self.stale = loss, 0
+        else:
+            self.stale += 1
+        if min(values) >= self.target_accuracy:
+            return "target_accuracy"
+        if self.stale >= self.patience:
+            return "patience"
+        return None
+
+    def restore_best(self) -> None:
+        self.alignment.load_state_dict(self.best_state)
+
+
+@torch.no_grad()
+def _latent_diagnostics(alignment: ModelAlignment, latent: _PreparedLatents) -> dict[str, dict[str, dict[str, float]]]:
+    """CL loss and off-manifold diagnostics (METHOD.md section 5) per CL direction, on up to 2048 pairs."""
+    diagnostics: dict[str, dict[str, dict[str, float]]] = {}
+    sample = torch.arange(min(2048, len(latent.found)))
+    for source, target in latent.directions:
+        mask = latent.found[sample]
+        intervened = latent.intervened(alignment, source, target, sample)[mask]
+        natural = latent.natural[target][sample][mask]
+        excess = range_excess(intervened, natural)
+        diagnostics.setdefault(source, {})[target] = {
+            "cl_loss": float(cl_loss(intervened, natural, latent.kind)),
+            "symmetric_kl": symmetric_kl_histogram(intervened, natural),
+            "range_excess_max": excess.max,
+            "range_excess_mean": excess.mean,
+        }
+    return diagnostics
+
+
+def _progress_bar(total: int, enabled: bool) -> tqdm:
+    # Outside a terminal (a log file, CI) every refresh is a new line: refresh rarely there.
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, disable=not enabled, desc="MAS fit", leave=False, mininterval=0.1 if interactive else 10.0)
+
+
 def fit(
     alignment: ModelAlignment,
     train: CounterfactualData | Sequence[CounterfactualData],
@@ -227,152 +462,72 @@ def fit(
             ("A", "A")]`` with CL on ``[("A", "B"), ("B", "B")]``.
 
     The best state (highest mean validation trial accuracy, ties broken by lower
-    loss) is restored at the end, also after Ctrl-C, which stops the fit cleanly.
+    loss) is restored at the end, also after Ctrl-C, which stops the fit cleanly,
+    and after an error. A loss that becomes NaN or infinite is an error.
     """
     if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
         raise RuntimeError("fit needs gradients: call it outside torch.no_grad() / torch.inference_mode()")
-    if steps < 1 or batch_size < 1 or eval_every < 1:
-        raise ValueError(f"steps, batch_size and eval_every must be positive; got {steps}, {batch_size}, {eval_every}")
+    _check_fit_options(steps, batch_size, eval_every, patience, lr, min_delta, target_accuracy)
     directions = check_directions(alignment, directions)
     train_data = _by_variable(alignment, train, "train")
     valid_data = _by_variable(alignment, valid, "valid")
     if set(train_data) != set(valid_data):
         raise ValueError(f"train has variables {sorted(train_data)} but valid has {sorted(valid_data)}")
+    _check_inputs(alignment, train_data, "train")
+    _check_inputs(alignment, valid_data, "valid")
     if standardize:
         alignment.fit_standardization(next(iter(train_data.values())))
-    device = alignment.device
-    generator = torch.Generator().manual_seed(seed)
     start_time = time.perf_counter()
 
     with frozen_models(alignment):
         _check_vocabulary(alignment, train_data, directions)
         sources = sorted({s for s, _ in directions})
-        train_cache = {
-            v: {s: alignment.source_activations(s, view_for(d, s).source_inputs, view_for(d, s).source_positions) for s in sources}
-            for v, d in train_data.items()
-        }
-        valid_cache = {
-            v: {s: alignment.source_activations(s, view_for(d, s).source_inputs, view_for(d, s).source_positions) for s in sources}
-            for v, d in valid_data.items()
-        }
+        train_cache = _source_cache(alignment, train_data, sources)
+        valid_cache = _source_cache(alignment, valid_data, sources)
         latent = None
         if latent_objective is not None:
             latent_variable = next(iter(train_data))
             latent = _prepare_latents(alignment, latent_objective, train_data, train_cache[latent_variable])
-        sizes = {v: check_views(d) for v, d in train_data.items()}
-        orders = {v: torch.randperm(n, generator=generator) for v, n in sizes.items()}
-        cursors = {v: 0 for v in sizes}
-
+        sampler = _BatchSampler({v: check_views(d) for v, d in train_data.items()}, batch_size, seed)
         optimizer = torch.optim.Adam([p for p in alignment.parameters() if p.requires_grad], lr=lr)
-        best_state = copy.deepcopy(alignment.state_dict())
-        best_key = (-math.inf, -math.inf)
-        best = {"step": 0, "loss": math.inf, "accuracy": {}}
-        loss_to_beat, stale = math.inf, 0
+        stopping = _EarlyStopping(alignment, patience, min_delta, target_accuracy)
         history: list[dict[str, Any]] = []
         stop_reason, step = "max_steps", 0
-        bar = tqdm(total=steps, disable=not progress, desc="MAS fit", leave=False)
+        bar = _progress_bar(steps, progress)
 
-        def validate(at_step: int) -> bool:
-            """Record validation scores; True when training should stop."""
-            nonlocal best_state, best_key, loss_to_beat, stale, stop_reason
-            accuracies: dict[str, float] = {}
-            losses = []
-            for variable, item in valid_data.items():
-                scores = interchange_scores(alignment, item, directions, source_cache=valid_cache[variable])
-                for direction, score in scores.items():
-                    key = direction_name(direction) + ("" if len(valid_data) == 1 else f" {variable}")
-                    accuracies[key] = score.trial_accuracy
-                    losses.append(score.loss)
-            loss = sum(losses)
-            mean_accuracy = sum(accuracies.values()) / len(accuracies)
-            history.append({"step": at_step, "valid_loss": loss, "valid_accuracy": accuracies})
-            bar.set_postfix(valid_loss=f"{loss:.3f}", valid_iia=f"{mean_accuracy:.3f}")
-            if (mean_accuracy, -loss) > best_key:
-                best_key = (mean_accuracy, -loss)
-                best_state = copy.deepcopy(alignment.state_dict())
-                best.update(step=at_step, loss=loss, accuracy=accuracies)
-            if loss < loss_to_beat - min_delta:
-                loss_to_beat, stale = loss, 0
-            else:
-                stale += 1
-            if min(accuracies.values()) >= target_accuracy:
-                stop_reason = "target_accuracy"
-                return True
-            if stale >= patience:
-                stop_reason = "patience"
-                return True
-            return False
+        def validate(at_step: int) -> str | None:
+            loss, accuracy = _validate(alignment, valid_data, valid_cache, directions, at_step)
+            history.append({"step": at_step, "valid_loss": loss, "valid_accuracy": accuracy})
+            values = [v for matrix in accuracy.values() for row in matrix.values() for v in row.values()]
+            bar.set_postfix(valid_loss=f"{loss:.3f}", valid_iia=f"{sum(values) / len(values):.3f}")
+            return stopping.update(at_step, loss, accuracy)
 
         try:
-            validate(0)
-            if stop_reason != "target_accuracy":
-                for step in range(1, steps + 1):
-                    optimizer.zero_grad(set_to_none=True)
-                    step_loss = 0.0
-                    for variable, item in train_data.items():
-                        n = sizes[variable]
-                        if cursors[variable] + batch_size > n:
-                            orders[variable] = torch.randperm(n, generator=generator)
-                            cursors[variable] = 0
-                        index = orders[variable][cursors[variable] : cursors[variable] + batch_size]
-                        cursors[variable] += batch_size
-                        for source, target in directions:
-                            view = view_for(item, target)
-                            logits = alignment.intervened_logits(
-                                source,
-                                target,
-                                train_cache[variable][source][index].to(device),
-                                inputs_to(index_inputs(view.base_inputs, index), device),
-                                view.base_positions[index].to(device),
-                                variable,
-                            )
-                            loss = intervention_loss(logits, view.labels[index].to(device))
-                            # One backward per direction frees its graph at once; the
-                            # gradients add up exactly as for the summed loss.
-                            loss.backward()
-                            step_loss += loss.item()
-                        if latent is not None and variable == latent.variable:
-                            for source, target in latent.directions:
-                                intervened = latent.intervened(alignment, source, target, index)
-                                mask = latent.found[index]
-                                loss = latent.weight * cl_loss(intervened, latent.natural[target][index], latent.kind, mask)
-                                loss.backward()
-                                step_loss += loss.item()
-                    optimizer.step()
-                    bar.update(1)
-                    bar.set_description(f"MAS fit (loss {step_loss:.3f})")
-                    if step % eval_every == 0 or step == steps:
-                        if validate(step):
-                            break
+            reason = validate(0)
+            while reason is None and step < steps:
+                step += 1
+                step_loss = _training_step(
+                    alignment, optimizer, train_data, train_cache, directions, sampler.next(), latent, step
+                )
+                bar.update(1)
+                bar.set_description(f"MAS fit (loss {step_loss:.3f})")
+                if step % eval_every == 0 or step == steps:
+                    reason = validate(step)
+            stop_reason = reason or "max_steps"
         except KeyboardInterrupt:
             stop_reason = "interrupted"
         finally:
             bar.close()
-            alignment.load_state_dict(best_state)
+            stopping.restore_best()
 
-    diagnostics: dict[str, dict[str, float]] = {}
-    if latent is not None:
-        with torch.no_grad():
-            sample = torch.arange(min(2048, len(latent.found)))
-            for source, target in latent.directions:
-                mask = latent.found[sample]
-                intervened = latent.intervened(alignment, source, target, sample)[mask]
-                natural = latent.natural[target][sample][mask]
-                excess = range_excess(intervened, natural)
-                diagnostics[direction_name((source, target))] = {
-                    "cl_loss": float(cl_loss(intervened, natural, latent.kind)),
-                    "symmetric_kl": symmetric_kl_histogram(intervened, natural),
-                    "range_excess_max": excess.max,
-                    "range_excess_mean": excess.mean,
-                }
     return FitResult(
         steps=step,
-        best_step=best["step"],
+        best_step=stopping.best_step,
         stop_reason=stop_reason,
-        best_valid_loss=best["loss"],
-        best_valid_accuracy=best["accuracy"],
+        best_valid_loss=stopping.best_loss,
+        best_valid_accuracy=stopping.best_accuracy,
         seconds=time.perf_counter() - start_time,
         history=history,
-        latent_diagnostics=diagnostics,
+        latent_diagnostics={} if latent is None else _latent_diagnostics(alignment, latent),
         latent_pairs_masked=0 if latent is None else int((~latent.found).sum()),
     )
