@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -20,7 +22,9 @@ def small_task() -> NumericTask:
 @pytest.fixture(scope="session")
 def trained_grus() -> dict[str, torch.nn.Module]:
     """Two GRUs (seeds 0 and 1, width 48) trained to >= 0.98 held-out accuracy."""
-    torch.set_num_threads(2)
+    # Two threads on the 2-core CI machine; fewer when OMP_NUM_THREADS says so, because two
+    # processes with two threads each on two cores slow small torch ops by 10-1000x.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     models = {}
     for name, seed in (("A", 0), ("B", 1)):
         model, summary = train_lm(

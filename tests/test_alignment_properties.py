@@ -20,6 +20,11 @@ def alignment_case(draw):
     standardize = draw(st.booleans())
     g = torch.Generator().manual_seed(seed)
     a = OrthogonalAlignment(width, k, full_rotation=full, generator=g)
+    if draw(st.booleans()):
+        # A trained map, not only a fresh one: move every parameter far from its initial value.
+        with torch.no_grad():
+            for parameter in a.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=g) * 2.0)
     if standardize:
         a.set_standardization(torch.randn(width, generator=g), torch.rand(width, generator=g) + 0.5)
     h = torch.randn(7, width, generator=g, dtype=torch.float32) * 3

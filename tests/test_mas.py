@@ -96,19 +96,48 @@ def test_ctrl_c_keeps_the_best_state(adapters, pairs, monkeypatch) -> None:
     monkeypatch.setattr(torch.optim.Adam, "step", step_then_interrupt)
     result = fit(alignment, pairs["train"], pairs["valid"].subset(slice(0, 64)), steps=50, eval_every=2, lr=1e-2, progress=False)
     assert result.stop_reason == "interrupted"
-    best = max(result.history, key=lambda h: (sum(h["valid_accuracy"].values()), -h["valid_loss"]))
+    def mean_accuracy(entry):
+        values = [v for row in entry["valid_accuracy"]["count"].values() for v in row.values()]
+        return sum(values) / len(values)
+
+    best = max(result.history, key=lambda h: (mean_accuracy(h), -h["valid_loss"]))
     assert result.best_step == best["step"]
     from masalign.evaluate import interchange_scores
 
     scores = interchange_scores(alignment, pairs["valid"].subset(slice(0, 64)))
-    assert {f"{s}->{t}": v.trial_accuracy for (s, t), v in scores.items()} == pytest.approx(best["valid_accuracy"])
+    restored = {s: {t: v.trial_accuracy for (s2, t), v in scores.items() if s2 == s} for s in "AB"}
+    assert restored == best["valid_accuracy"]["count"] == result.best_valid_accuracy["count"]
 
 
 def test_frozen_models_get_no_gradients_and_are_restored(adapters, pairs) -> None:
+    # Start from what fit must change (train mode, trainable weights), so that restoring is tested.
+    modes = {}
+    for name, adapter in adapters.items():
+        adapter.model.train()
+        modes[name] = {p: p.requires_grad for p in adapter.model.parameters()}
+    first = next(iter(adapters["A"].model.parameters()))
+    first.requires_grad_(False)  # one frozen parameter must stay frozen
+    modes["A"][first] = False
+    seen_during_fit = []
+    original = ModelAlignment.intervened_logits
+
+    def spy(self, *args, **kwargs):
+        seen_during_fit.append([(a.model.training, any(p.requires_grad for p in a.model.parameters())) for a in adapters.values()])
+        return original(self, *args, **kwargs)
+
     alignment = ModelAlignment(adapters, "rnn.h_l0", 4)
-    fit(alignment, pairs["train"], pairs["valid"].subset(slice(0, 32)), steps=2, eval_every=1, progress=False)
-    for adapter in adapters.values():
-        assert all(p.grad is None and p.requires_grad for p in adapter.model.parameters())
+    try:
+        ModelAlignment.intervened_logits = spy
+        fit(alignment, pairs["train"], pairs["valid"].subset(slice(0, 32)), steps=2, eval_every=1, progress=False)
+    finally:
+        ModelAlignment.intervened_logits = original
+        for adapter in adapters.values():
+            adapter.model.eval()
+    assert seen_during_fit and all(state == [(False, False), (False, False)] for state in seen_during_fit)
+    for name, adapter in adapters.items():
+        assert all(p.grad is None for p in adapter.model.parameters())
+        assert {p: p.requires_grad for p in adapter.model.parameters()} == modes[name]
+    first.requires_grad_(True)
 
 
 # -- bad input ------------------------------------------------------------------------------

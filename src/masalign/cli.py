@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import storage
-from .evaluate import evaluate
+from .evaluate import IIAReport, evaluate
 from .mas import ModelAlignment
 from .models import DEMO_PAIRS, DEMO_SITES, default_cache, reference_model
 from .tasks import get_task
@@ -61,6 +61,17 @@ def run_demo(args: argparse.Namespace) -> dict:
     check_writable(Path(args.cache), "--cache")
     log = print if not args.quiet else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
+    if args.pair == PRETRAINED_PAIR:
+        from .pretrained_demo import plot_layer_sweep, run_pretrained_demo
+
+        document, alignment, report, _ = run_pretrained_demo(args, log)
+        plot_layer_sweep(document, out / "layer_sweep.png")
+        return write_results(out, document, alignment, report, args, log)
+    return write_results(out, *run_numeric_demo(args, log), args, log)
+
+
+def run_numeric_demo(args: argparse.Namespace, log) -> tuple[dict, ModelAlignment, IIAReport]:
+    """The reference models of the numeric task (two GRU seeds, or a GRU and a transformer)."""
     task = get_task(args.task)
     started = time.perf_counter()
     times: dict[str, float] = {}
@@ -96,9 +107,6 @@ def run_demo(args: argparse.Namespace) -> dict:
     report = evaluate(alignment, test, ceiling_data=ceiling_data)
     times["evaluate"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - started
-
-    alignment.save(out / "alignment", overwrite=args.overwrite)
-    report.plot(out / "iia.png")
     document = {
         "task": args.task,
         "pair": args.pair,
@@ -119,11 +127,32 @@ def run_demo(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+    return document, alignment, report
+
+
+def write_results(out: Path, document: dict, alignment: ModelAlignment, report: IIAReport, args: argparse.Namespace, log) -> dict:
+    """report.json, iia.png and the alignment into ``out``; each written whole or not at all."""
+    alignment.save(out / "alignment", overwrite=args.overwrite)
+    report.plot(out / "iia.png")
     write_text_atomically(out / "report.json", json.dumps(document, indent=2))
     log("")
     log(report.table())
-    log(f"\nwrote {out / 'report.json'}, {out / 'iia.png'} and {out / 'alignment'}/ in {times['total']:.0f}s")
+    log(f"\nwrote {out / 'report.json'}, {out / 'iia.png'} and {out / 'alignment'}/ in {document['wall_seconds']['total']:.0f}s")
     return document
+
+
+# Settings of the pretrained-LM demo where they differ from the numeric demo's defaults.
+PRETRAINED_PAIR = "pretrained-lm"
+PRETRAINED_DEFAULTS = {"steps": 150, "train_pairs": 1024, "valid_pairs": 64, "test_pairs": 256, "batch_size": 16, "eval_every": 25, "subspace_dim": 8}
+NUMERIC_DEFAULTS = {"steps": 1000, "train_pairs": 10000, "valid_pairs": 500, "test_pairs": 2000, "batch_size": 128, "eval_every": 50, "subspace_dim": 16}
+
+
+def apply_pair_defaults(args: argparse.Namespace) -> None:
+    defaults = PRETRAINED_DEFAULTS if args.pair == PRETRAINED_PAIR else NUMERIC_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.layers = {"smollm2": args.layers_smollm2, "gemma3": args.layers_gemma3}
 
 
 def positive_int(text: str) -> int:
@@ -142,16 +171,24 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="align two GRU seeds on the numeric task and report IIA")
     demo.add_argument("--out", default="demo_out", help="folder for report.json, iia.png and the alignment")
     demo.add_argument("--task", default="multi_object", choices=["multi_object", "single_object", "same_object"])
-    demo.add_argument("--pair", default="gru-gru", choices=sorted(DEMO_PAIRS), help="which two models to align (seeds 0 and 1)")
+    demo.add_argument(
+        "--pair", default="gru-gru", choices=[*sorted(DEMO_PAIRS), PRETRAINED_PAIR],
+        help="which two models to align: two GRU seeds, a GRU and a transformer, or SmolLM2-135M and Gemma-3-270M",
+    )
+    demo.add_argument("--sweep-steps", type=positive_int, default=40, help="pretrained-lm: steps of each layer-sweep fit")
+    demo.add_argument("--layers-smollm2", type=int, nargs="+", default=None, help="pretrained-lm: SmolLM2 layers to sweep")
+    demo.add_argument("--layers-gemma3", type=int, nargs="+", default=None, help="pretrained-lm: Gemma-3 layers to sweep")
+    demo.add_argument("--lm-low", type=positive_int, default=1, help="pretrained-lm: smallest number in the counting runs")
+    demo.add_argument("--lm-high", type=positive_int, default=20, help="pretrained-lm: largest number in the counting runs")
     demo.add_argument("--transformer-site", default=DEMO_SITES["transformer"], help="the transformer's site for --pair gru-transformer")
-    demo.add_argument("--subspace-dim", type=positive_int, default=16)
-    demo.add_argument("--steps", type=positive_int, default=1000, help="most training steps (early stopping may end sooner)")
+    demo.add_argument("--subspace-dim", type=positive_int, default=None, help="k (default 16; 8 for pretrained-lm)")
+    demo.add_argument("--steps", type=positive_int, default=None, help="most training steps, early stopping may end sooner (default 1000; 150 for pretrained-lm)")
     demo.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (the reference uses 1e-3 with more steps)")
-    demo.add_argument("--batch-size", type=positive_int, default=128)
-    demo.add_argument("--eval-every", type=positive_int, default=50)
-    demo.add_argument("--train-pairs", type=positive_int, default=10000)
-    demo.add_argument("--valid-pairs", type=positive_int, default=500)
-    demo.add_argument("--test-pairs", type=positive_int, default=2000)
+    demo.add_argument("--batch-size", type=positive_int, default=None, help="default 128 (smaller for pretrained-lm)")
+    demo.add_argument("--eval-every", type=positive_int, default=None, help="default 50 (smaller for pretrained-lm)")
+    demo.add_argument("--train-pairs", type=positive_int, default=None, help="default 10000 (smaller for pretrained-lm)")
+    demo.add_argument("--valid-pairs", type=positive_int, default=None, help="default 500 (smaller for pretrained-lm)")
+    demo.add_argument("--test-pairs", type=positive_int, default=None, help="default 2000 (smaller for pretrained-lm)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the alignment and the pairs")
     demo.add_argument("--cache", default=str(default_cache()), help="where trained reference models are kept")
     demo.add_argument("--quiet", action="store_true")
@@ -166,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return convert_gguf_command(args.model, args.out, args.overwrite)
     if args.command == "demo":
+        apply_pair_defaults(args)
         run_demo(args)
     return 0
 

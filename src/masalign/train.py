@@ -341,7 +341,7 @@ def _training_step(
                 intervened = latent.intervened(alignment, source, target, index)
                 losses.append(latent.weight * cl_loss(intervened, latent.natural[target][index], latent.kind, latent.found[index]))
                 losses[-1].backward()
-        step_loss = sum(float(loss) for loss in losses)
+        step_loss = sum(float(loss.detach()) for loss in losses)
         if not math.isfinite(step_loss):
             raise _non_finite_loss(step, f"training loss of variable {variable!r}")
         total += step_loss
