@@ -60,6 +60,7 @@ from .base import (
     tokens_and_mask,
     unknown_site_error,
 )
+from .resume import BlockSite, Resumer, check_prefix, find_block
 
 _SITE_PATTERN = re.compile(r"^(?P<path>.+)\.(?P<slot>output|input)(?:\[(?P<element>\d+)\])?$")
 
@@ -123,6 +124,7 @@ class NNsightAdapter:
         self._example_inputs = example_inputs if example_inputs is not None else self._default_probe_inputs()
         self._probed: dict[str, _ModuleSite | _Unusable] | None = None
         self._probed_vocab_size: int | None = None  # of a plain module, from the probe
+        self._resumer = Resumer()
 
     # -- the protocol --------------------------------------------------------------
 
@@ -205,6 +207,55 @@ class NNsightAdapter:
         calls.check_once()
         replacement.check_gradient_reached(logits)
         return logits
+
+    # -- prefix caching (optional; see adapters/resume.py) ---------------------------
+
+    def supports_prefix(self, site: str) -> bool:
+        """Whether ``site`` is the output of a block in a stack (``model.layers.{i}.output``), so runs can resume there."""
+        return self._block_site(site) is not None
+
+    def prefix(self, inputs: ModelInputs, site: str) -> Tensor:
+        """``(batch, seq, width)`` states at ``site`` on ``inputs``, without gradient; the forward stops there."""
+        block_site = self._resumable(site, inputs)
+        self.check_inputs(inputs)
+        run = self._plain_run(inputs)
+        with explaining_inference_weights(self.model, self.name):
+            return self._resumer.prefix(block_site, site, run)
+
+    def run_from_prefix(
+        self, inputs: ModelInputs, site: str, prefix: Tensor, positions: Tensor, replace: Replacement
+    ) -> Tensor:
+        """:meth:`run_with_replacement`'s logits, resumed from ``prefix`` (:meth:`prefix` of the same inputs)."""
+        block_site = self._resumable(site, inputs)
+        positions = self.check_inputs(inputs, positions)
+        check_prefix(prefix, tuple(_tokens_and_mask(inputs)[0].shape), self._site(site, inputs).width, site)
+        replacement = RowReplacementHook(positions, replace, site, self.model, self.name)
+        with explaining_inference_weights(self.model, self.name):
+            return self._resumer.resume(block_site, site, prefix, replacement, self._plain_run(inputs))
+
+    def _plain_run(self, inputs: ModelInputs) -> Callable[[], Tensor]:
+        """The logits of one forward through nnsight's input preparation, as :meth:`logits` runs it."""
+        args, kwargs = self._call_arguments(inputs)
+        return lambda: self._logits_fn(self._envoy.trace(*args, trace=False, **kwargs))
+
+    def _block_site(self, site: str, inputs: ModelInputs | None = None) -> BlockSite | None:
+        try:
+            spec = self._site(site, inputs)
+        except SiteError:
+            return None
+        if spec.slot != "output" or spec.element not in (None, 0):
+            return None
+        return find_block(self.model, self.model.get_submodule(spec.module_path))
+
+    def _resumable(self, site: str, inputs: ModelInputs) -> BlockSite:
+        self._site(site, inputs)
+        block_site = self._block_site(site, inputs)
+        if block_site is None:
+            raise SiteError(
+                f"{self.name}: runs can resume only at the output of a block in a stack (e.g. "
+                f"'model.layers.3.output'); {site!r} is not one, run it with run_with_replacement"
+            )
+        return block_site
 
     # -- sites ---------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,10 @@ from .base import (
     site_did_not_run,
     unknown_site_error,
 )
+from .resume import BlockSite, Resumer, check_prefix
+
+# The output of block i, where a run can resume (the bridge's canonical name, then HookedTransformer's).
+_BLOCK_OUTPUT = re.compile(r"^blocks\.(?P<index>\d+)\.(?:hook_out|hook_resid_post)$")
 
 # Hook points that TransformerLens fires only when a config flag is on (gated by the
 # name of the hook point, as HookedTransformer and TransformerBridge both do).
@@ -126,6 +131,7 @@ class TransformerLensAdapter:
         self.name = name
         # One probe per setting of the hook flags: turning a flag on adds hook points.
         self._probes: dict[tuple[Any, ...], dict[str, _HookRecord]] = {}
+        self._resumer = Resumer()
 
     # -- the protocol --------------------------------------------------------------
 
@@ -213,6 +219,54 @@ class TransformerLensAdapter:
         replacement.check_fired()
         replacement.check_gradient_reached(logits)
         return logits
+
+    # -- prefix caching (optional; see adapters/resume.py) ---------------------------
+
+    def supports_prefix(self, site: str) -> bool:
+        """Whether ``site`` is a block's output (``blocks.{i}.hook_resid_post`` / ``hook_out``), so runs can resume there."""
+        return self._block_site(site) is not None
+
+    def prefix(self, inputs: ModelInputs, site: str) -> Tensor:
+        """``(batch, seq, width)`` states at ``site`` on ``inputs``, without gradient; the forward stops there."""
+        block_site = self._resumable(site)
+        self.check_inputs(inputs)
+        tokens, kwargs = _split_inputs(inputs)
+        with explaining_inference_weights(self._model, self.name):
+            return self._resumer.prefix(block_site, site, lambda: self._model(tokens, **kwargs))
+
+    def run_from_prefix(
+        self, inputs: ModelInputs, site: str, prefix: Tensor, positions: Tensor, replace: Replacement
+    ) -> Tensor:
+        """:meth:`run_with_replacement`'s logits, resumed from ``prefix`` (:meth:`prefix` of the same inputs)."""
+        block_site = self._resumable(site)
+        positions = self.check_inputs(inputs, positions)
+        tokens, kwargs = _split_inputs(inputs)
+        check_prefix(prefix, tuple(tokens.shape), self._site(site).width, site)
+        replacement = RowReplacementHook(positions, replace, site, self._model, self.name)
+        with explaining_inference_weights(self._model, self.name):
+            return self._resumer.resume(
+                block_site, site, prefix, replacement, lambda: self._logits_fn(self._model(tokens, **kwargs))
+            )
+
+    def _block_site(self, site: str) -> BlockSite | None:
+        hook_point = self._model.hook_dict.get(site)
+        if hook_point is None:
+            return None
+        parsed = _BLOCK_OUTPUT.match(self._canonical_name(site, hook_point))
+        blocks = getattr(self._model, "blocks", None)
+        if parsed is None or not isinstance(blocks, nn.ModuleList) or int(parsed["index"]) >= len(blocks):
+            return None
+        return BlockSite(blocks, int(parsed["index"]))
+
+    def _resumable(self, site: str) -> BlockSite:
+        self._site(site)
+        block_site = self._block_site(site)
+        if block_site is None:
+            raise SiteError(
+                f"{self.name}: runs can resume only at a block's output (blocks.{{i}}.hook_resid_post); "
+                f"{site!r} is not one, run it with run_with_replacement"
+            )
+        return block_site
 
     # -- sites ---------------------------------------------------------------------
 
