@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from masalign import ModelAlignment
+from masalign import CounterfactualPairs, ModelAlignment, fit
+from masalign.prefix import base_prefixes
 from masalign.adapters import NNsightAdapter, SiteError, TransformerLensAdapter
 from masalign.adapters.resume import check_resume_exact
 
@@ -159,3 +160,47 @@ def test_blocks_are_restored_after_an_error(hf_folder: str) -> None:
     assert [vars(layer).get("forward") for layer in layers] == forwards
     full = adapter.run_with_replacement(inputs, site, POSITIONS, lambda h, e, s: h)
     assert (full - adapter.run_from_prefix(inputs, site, prefix, POSITIONS, lambda h, e, s: h)).abs().max() < TOLERANCE
+
+
+def _pairs(n: int, seed: int) -> CounterfactualPairs:
+    generator = torch.Generator().manual_seed(seed)
+    base = _padded_inputs("input_ids")
+    rows = torch.randint(0, 3, (n,), generator=generator)
+    labels = torch.full((n, SEQ), -100)
+    labels[:, -1] = torch.randint(1, VOCAB, (n,), generator=generator)
+    return CounterfactualPairs(
+        base_inputs={key: value[rows] for key, value in base.items()},
+        source_inputs={key: value[rows.flip(0)] for key, value in base.items()},
+        base_positions=POSITIONS[rows][:, 1:],
+        source_positions=POSITIONS[rows.flip(0)][:, 1:],
+        labels=labels,
+    )
+
+
+def test_fit_with_prefix_cache_trains_as_without(hf_folder: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter = _nnsight(hf_folder)
+    resumed_runs = []
+    resume = adapter.run_from_prefix
+    monkeypatch.setattr(adapter, "run_from_prefix", lambda *args: resumed_runs.append(1) or resume(*args))
+    train, valid = _pairs(12, 0), _pairs(6, 1)
+    fitted = []
+    for prefix_cache in (False, True):
+        alignment = ModelAlignment({"A": adapter}, "model.layers.1.output", subspace_dim=4)
+        result = fit(alignment, train, valid, steps=4, batch_size=4, eval_every=2, progress=False, prefix_cache=prefix_cache)
+        fitted.append(([entry["valid_loss"] for entry in result.history], alignment.state_dict()))
+        assert bool(resumed_runs) == prefix_cache
+    (losses, state), (cached_losses, cached_state) = fitted
+    assert losses == pytest.approx(cached_losses, abs=1e-5)
+    for key, value in state.items():
+        assert (value - cached_state[key]).abs().max() < 1e-5, key
+
+
+def test_prefixes_are_skipped_over_the_memory_budget(hf_folder: str) -> None:
+    adapter = _nnsight(hf_folder)
+    data = _pairs(4, 0)
+    site = "model.layers.1.output"
+    cached = base_prefixes(adapter, site, data.base_inputs, data.base_positions, 32)
+    assert cached.shape == (4, SEQ, 32) and cached.device.type == "cpu"
+    with pytest.warns(UserWarning, match="MiB"):
+        assert base_prefixes(adapter, site, data.base_inputs, data.base_positions, 32, max_bytes=1000) is None
+    assert base_prefixes(adapter, "model.layers.1.mlp.output", data.base_inputs, data.base_positions, 32) is None

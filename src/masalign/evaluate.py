@@ -31,6 +31,7 @@ from .data import (
 )
 from .mas import ModelAlignment
 from .objectives import Direction, Matrix, check_directions, correct_counts, intervention_loss, to_matrix
+from .prefix import prefix_rows
 
 @dataclass
 class DirectionScores:
@@ -46,10 +47,13 @@ def interchange_scores(
     directions: Sequence[Direction] | None = None,
     source_cache: Mapping[str, Tensor] | None = None,
     batch_size: int = 256,
+    prefix_cache: Mapping[str, Tensor] | None = None,
 ) -> dict[Direction, DirectionScores]:
     """IIA (trial and token accuracy) and loss of each direction on ``data``.
 
-    ``source_cache`` (model -> source activations for ``data``) skips recomputing them.
+    ``source_cache`` (model -> source activations for ``data``) skips recomputing them;
+    ``prefix_cache`` (model -> :func:`masalign.prefix.base_prefixes` of its base
+    inputs) runs only the blocks after the target's site.
     """
     directions = check_directions(alignment, directions)
     n = check_views(data)
@@ -75,6 +79,7 @@ def interchange_scores(
                 inputs_to(index_inputs(view.base_inputs, index), device),
                 view.base_positions[index].to(device),
                 variable,
+                prefix_rows(prefix_cache, target, index, device),
             )
             t, k, m = correct_counts(logits, labels)
             trials, tokens, label_tokens = trials + t, tokens + k, label_tokens + m

@@ -178,12 +178,16 @@ class ModelAlignment(nn.Module):
         base_inputs: ModelInputs,
         base_positions: Tensor,
         variable: str | None = None,
+        base_prefix: Tensor | None = None,
     ) -> Tensor:
         """Target logits ``(batch, seq, vocab)`` after the interchange from ``source``.
 
         ``source_hidden`` ``(batch, n_slots, d_source)`` are the source model's
         activations (from :meth:`source_activations`); slot ``j`` goes to
-        ``base_positions[:, j]`` in the target.
+        ``base_positions[:, j]`` in the target. ``base_prefix`` ``(batch, seq,
+        d_target)``, the target's states at its site on ``base_inputs``
+        (:func:`masalign.prefix.base_prefixes`), runs only the blocks after the
+        site, with the same logits.
         """
         block = self.block(variable)
         source_alignment, target_alignment = self.alignments[source], self.alignments[target]
@@ -203,7 +207,10 @@ class ModelAlignment(nn.Module):
             new_values = values[example_index, slot_index]
             return target_alignment.substitute(hidden, block, new_values.to(hidden.dtype), self.keep_complement)
 
-        return self.models[target].run_with_replacement(base_inputs, self.sites[target], base_positions, replace)
+        adapter, site = self.models[target], self.sites[target]
+        if base_prefix is not None:
+            return adapter.run_from_prefix(base_inputs, site, base_prefix, base_positions, replace)
+        return adapter.run_with_replacement(base_inputs, site, base_positions, replace)
 
     def block(self, variable: str | None) -> slice:
         if variable is None:
