@@ -2,7 +2,7 @@
 
 1. One MAS training step (one direction, and all four directions of a two-model
    fit) over a plain forward+backward of the target model on the same batch.
-2. The low-rank orthogonal map (``d x k`` columns, METHOD.md section 3) against
+2. The low-rank orthogonal map (``d x k`` columns, docs/method.md section 3) against
    the full ``d x d`` rotation, at d = 128, 1024, 4096 with k = 16: the time of one
    interchange forward+backward on a batch of 128 vectors, parametrisation
    included.

@@ -1,4 +1,4 @@
-"""One-sided alignment with the counterfactual latent (CL) loss (METHOD.md section 5).
+"""One-sided alignment with the counterfactual latent (CL) loss (docs/method.md section 5).
 
 Model B can only be recorded, not intervened on behaviourally (think: a brain, or
 an API model whose outputs we cannot read under intervention). Training uses the

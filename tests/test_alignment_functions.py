@@ -1,4 +1,4 @@
-"""The other alignment functions of METHOD.md section 2: scaled orthogonal, SPD,
+"""The other alignment functions of docs/method.md section 2: scaled orthogonal, SPD,
 elementwise inverse and additive coupling. Each must be an exact inverse pair,
 work through the generic interchange, train, and save/load through ModelAlignment."""
 

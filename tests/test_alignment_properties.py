@@ -1,4 +1,4 @@
-"""Property tests of the alignment algebra (METHOD.md sections 2-3)."""
+"""Property tests of the alignment algebra (docs/method.md sections 2-3)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_same_model_same_input_is_the_identity(case, data) -> None:
 @settings(max_examples=40, deadline=None)
 @given(alignment_case(), st.data())
 def test_low_rank_closed_form_equals_the_full_map(case, data) -> None:
-    """METHOD.md section 3: the d x k form is exact, not an approximation."""
+    """docs/method.md section 3: the d x k form is exact, not an approximation."""
     a, h, k = case
     start = data.draw(st.integers(0, k))
     stop = data.draw(st.integers(start, k))

@@ -176,7 +176,7 @@ def test_unknown_site_lists_the_valid_ones(models) -> None:
         ("lr", 0.0, "lr must be a finite positive number"),
         ("lr", float("nan"), "lr must be a finite positive number"),
         ("min_delta", -1.0, "min_delta must be a finite number >= 0"),
-        ("target_accuracy", 1.5, r"target_accuracy must be in \(0, 1\]"),
+        ("target_accuracy", 0.0, "target_accuracy must be a number > 0"),
     ],
 )
 def test_fit_settings_that_would_train_nothing_or_wrongly(models, pairs, option, value, message) -> None:

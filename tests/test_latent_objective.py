@@ -33,7 +33,7 @@ def test_cl_loss_alone_aligns_a_model_that_is_only_recorded(setting) -> None:
         iia[with_cl], floor = report.iia["A"]["B"], report.floor["A"]["B"]
         if with_cl:
             assert result.latent_pairs_masked == targets.n_missing
-            diag = result.latent_diagnostics["A->B"]
+            diag = result.latent_diagnostics["A"]["B"]
             assert diag["symmetric_kl"] >= 0 and diag["range_excess_max"] >= 0 and diag["cl_loss"] > 0
     assert iia[True] >= floor + 0.25, (iia, floor)
     assert iia[True] >= iia[False] + 0.15, (iia, floor)

@@ -1,4 +1,4 @@
-"""Counterfactual latents (METHOD.md section 5): the search for natural states,
+"""Counterfactual latents (docs/method.md section 5): the search for natural states,
 the CL loss, and the off-manifold diagnostics."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Alignment functions and the interchange intervention (METHOD.md sections 2 and 3).
+"""Alignment functions and the interchange intervention (docs/method.md sections 2 and 3).
 
 Each model ``m`` gets one invertible map ``A_m: R^d -> R^d``. The aligned space is
 split into blocks; variable ``v`` owns the coordinates ``block = slice(o_v, o_v + k_v)``.
@@ -12,7 +12,7 @@ Interchange (source ``s``, target ``t``)::
 Every alignment function offers ``forward``/``inverse`` (the full map) and the two
 operations the interchange actually needs, ``coordinates(h, block)`` and
 ``substitute(h, block, values)``. The defaults go through the full map; the
-orthogonal map overrides them with the closed form of METHOD.md section 3::
+orthogonal map overrides them with the closed form of docs/method.md section 3::
 
     h~ = h + sigma * Q_V (z_s[V] - Q_V^T h'),   h' = (h - mu) / sigma
 
@@ -133,13 +133,13 @@ class AlignmentFunction(nn.Module, metaclass=ABCMeta):
 
 
 class OrthogonalAlignment(AlignmentFunction):
-    """``A(h) = Q^T (h - mu) / sigma`` with ``Q`` orthogonal (the default, METHOD.md section 2).
+    """``A(h) = Q^T (h - mu) / sigma`` with ``Q`` orthogonal (the default, docs/method.md section 2).
 
     By default only the ``n_aligned`` columns that the variables use are stored and
     trained: ``Q_V = qr(W).Q`` for an unconstrained ``width x n_aligned`` matrix ``W``
     (a QR retraction onto the Stiefel manifold, ``O(d k^2)`` per step; the signs
     are fixed so that ``R`` has a positive diagonal, which makes the map from ``W``
-    continuous). The interchange needs nothing else (METHOD.md section 3);
+    continuous). The interchange needs nothing else (docs/method.md section 3);
     ``forward`` and ``inverse`` complete the basis when the full map is asked for.
 
     ``full_rotation=True`` trains the whole ``width x width`` rotation instead,
@@ -200,7 +200,7 @@ class OrthogonalAlignment(AlignmentFunction):
         return self.unstandardize(standardized + (values - standardized @ q_block) @ q_block.T)
 
 
-# -- general invertible maps (METHOD.md section 2, "other alignment functions") ------------
+# -- general invertible maps (docs/method.md section 2, "other alignment functions") ------------
 
 
 def _random_rotation(width: int, generator: torch.Generator | None) -> Tensor:
@@ -574,7 +574,7 @@ def interchange(
     block: slice,
     keep_complement: bool = True,
 ) -> Tensor:
-    """The interchange intervention of METHOD.md section 3.
+    """The interchange intervention of docs/method.md section 3.
 
     ``source_hidden`` ``(..., d_s)`` and ``target_hidden`` ``(..., d_t)`` are paired
     rows; returns ``h~_t`` ``(..., d_t)``: the target's activations with the aligned

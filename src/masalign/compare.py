@@ -1,4 +1,4 @@
-"""Correlational measures beside MAS, on the same activations (METHOD.md section 8).
+"""Correlational measures beside MAS, on the same activations (docs/method.md section 8).
 
 :func:`paired_activations` reads two wrapped models at a site each on the same
 inputs and positions (rows are paired samples); :func:`side_by_side` puts every

@@ -1,4 +1,4 @@
-"""Interchange intervention accuracy (IIA) and the report around it (METHOD.md section 6).
+"""Interchange intervention accuracy (IIA) and the report around it (docs/method.md section 6).
 
 For every (source, target) direction: trial accuracy (every label position of a
 pair right after the intervention) and token accuracy. Beside them, always: each

@@ -1,4 +1,4 @@
-"""Counterfactual latents and the CL auxiliary loss (METHOD.md section 5).
+"""Counterfactual latents and the CL auxiliary loss (docs/method.md section 5).
 
 When a model's behaviour cannot be read (a brain, an API model), the interchange
 can still be supervised in activation space. The counterfactual latent ``c`` of
@@ -192,7 +192,7 @@ def cl_loss(intervened: Tensor, natural: Tensor, kind: str = "mse_cosine", mask:
         cosine(i) = 1 - a.c / max(|a| |c|, 1e-8)
         "mse"        -> mean_i mse(i)
         "cosine"     -> mean_i cosine(i)
-        "mse_cosine" -> (mean_i mse(i) + mean_i cosine(i)) / 2   (the default, METHOD.md section 5)
+        "mse_cosine" -> (mean_i mse(i) + mean_i cosine(i)) / 2   (the default, docs/method.md section 5)
 
     Args:
         intervened: ``(..., width)`` ``h~_t``, with gradient.

@@ -1,4 +1,4 @@
-"""What is trained and scored (METHOD.md sections 4 and 6): directions and the per-direction loss.
+"""What is trained and scored (docs/method.md sections 4 and 6): directions and the per-direction loss.
 
 A *direction* is a ``(source, target)`` pair of model names: the source's aligned
 coordinates are written into the target. ``(s, s)`` is DAS within model ``s``.
@@ -32,7 +32,7 @@ def direction_name(direction: Direction) -> str:
 
 
 def all_directions(models: Sequence[str]) -> list[Direction]:
-    """Every (source, target) pair, including source = target (METHOD.md section 4)."""
+    """Every (source, target) pair, including source = target (docs/method.md section 4)."""
     return [(s, t) for s in models for t in models]
 
 

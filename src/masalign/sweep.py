@@ -1,4 +1,4 @@
-"""IIA against subspace size ``k`` (METHOD.md section 6): one fit and one evaluation per ``k``."""
+"""IIA against subspace size ``k`` (docs/method.md section 6): one fit and one evaluation per ``k``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The numeric equivalence tasks and their causal model (METHOD.md section 7).
+"""The numeric equivalence tasks and their causal model (docs/method.md section 7).
 
 A sequence is ``B, n demo tokens, T, n response tokens R, E`` with ``n`` in
 ``1..max_count``. Models must emit exactly ``n`` R tokens after ``T`` and then ``E``.
@@ -127,7 +127,7 @@ class NumericTask:
     def latent_targets(
         self, pairs: CounterfactualPairs, pool_inputs: ModelInputs | None = None, seed: int = 0
     ) -> LatentTargets:
-        """Where each pair's counterfactual latent lies (METHOD.md section 5), for the CL loss.
+        """Where each pair's counterfactual latent lies (docs/method.md section 5), for the CL loss.
 
         :func:`masalign.latents.find_counterfactual_latents` with this task's causal
         states: the target state is ``(count = the source's count at its position,

@@ -1,4 +1,4 @@
-"""Training the alignment functions (METHOD.md section 4).
+"""Training the alignment functions (docs/method.md section 4).
 
 The models stay frozen; only the alignment parameters learn. Each step, for each
 variable and each (source, target) direction, the target runs on a batch of base
@@ -67,7 +67,7 @@ class FitResult:
 
 @dataclass
 class LatentObjective:
-    """The counterfactual latent (CL) auxiliary loss (METHOD.md section 5).
+    """The counterfactual latent (CL) auxiliary loss (docs/method.md section 5).
 
     For each direction (source, target) in ``directions`` the intervened activation
     ``h~_t`` (the target's base activation with the source's aligned coordinates
@@ -260,8 +260,10 @@ def _check_fit_options(
         raise ValueError(f"lr must be a finite positive number (the reference uses 1e-3), got {lr!r}")
     if not isinstance(min_delta, numbers.Real) or not math.isfinite(min_delta) or min_delta < 0:
         raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
-    if not isinstance(target_accuracy, numbers.Real) or not 0 < target_accuracy <= 1:
-        raise ValueError(f"target_accuracy must be in (0, 1] (the reference uses 0.995), got {target_accuracy!r}")
+    if not isinstance(target_accuracy, numbers.Real) or not target_accuracy > 0:
+        raise ValueError(
+            f"target_accuracy must be a number > 0 (the reference uses 0.995; above 1 never stops early), got {target_accuracy!r}"
+        )
 
 
 class _BatchSampler:
@@ -410,7 +412,7 @@ class _EarlyStopping:
 
 @torch.no_grad()
 def _latent_diagnostics(alignment: ModelAlignment, latent: _PreparedLatents) -> dict[str, dict[str, dict[str, float]]]:
-    """CL loss and off-manifold diagnostics (METHOD.md section 5) per CL direction, on up to 2048 pairs."""
+    """CL loss and off-manifold diagnostics (docs/method.md section 5) per CL direction, on up to 2048 pairs."""
     diagnostics: dict[str, dict[str, dict[str, float]]] = {}
     sample = torch.arange(min(2048, len(latent.found)))
     for source, target in latent.directions:
@@ -460,7 +462,7 @@ def fit(
         patience, min_delta: stop when validation loss has not improved by
             ``min_delta`` for ``patience`` validations.
         target_accuracy: stop when every direction reaches this validation trial
-            accuracy on every variable.
+            accuracy on every variable (above 1: never stop for accuracy).
         standardize: first set each model's mean/std from its source activations.
         seed: batch order (the alignment's own seed sets its initialisation).
         latent_objective: an optional CL loss on its own directions

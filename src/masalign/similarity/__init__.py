@@ -1,6 +1,6 @@
 """Correlational and dynamical similarity measures between two networks' activations.
 
-These are the baselines that MAS (METHOD.md section 8) is put side by side with:
+These are the baselines that MAS (docs/method.md section 8) is put side by side with:
 RSA, CKA (linear, debiased, RBF, angular), Procrustes (Euclidean and angular),
 Normalized Bures Similarity, cross-validated ridge regression, and Dynamical
 Similarity Analysis (DSA).

@@ -1,4 +1,4 @@
-"""Centred kernel alignment: linear, debiased, RBF and angular CKA (METHOD.md section 8)."""
+"""Centred kernel alignment: linear, debiased, RBF and angular CKA (docs/method.md section 8)."""
 
 from __future__ import annotations
 

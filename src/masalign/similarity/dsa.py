@@ -1,6 +1,6 @@
 """Dynamical Similarity Analysis: delay embedding, HAVOK operator, Procrustes over vector fields.
 
-DSA (Ostrow et al. 2023; METHOD.md section 8) is the exception to pairing: it
+DSA (Ostrow et al. 2023; docs/method.md section 8) is the exception to pairing: it
 compares two dynamical systems, so each system is given as its own trials,
 ``(trials, T, d)`` or a list of ``(T_i, d)`` arrays, and the two systems need not
 share trials, lengths or widths.

@@ -1,4 +1,4 @@
-"""Procrustes distances (Euclidean, angular) and Normalized Bures Similarity (METHOD.md section 8).
+"""Procrustes distances (Euclidean, angular) and Normalized Bures Similarity (docs/method.md section 8).
 
 All three are functions of one number, the nuclear cosine
 ||X^T Y||_* / (||X||_F ||Y||_F) of the column-centred activations.

@@ -1,4 +1,4 @@
-"""Cross-validated ridge regression R^2 from one network's activations to another's (METHOD.md section 8)."""
+"""Cross-validated ridge regression R^2 from one network's activations to another's (docs/method.md section 8)."""
 
 from __future__ import annotations
 

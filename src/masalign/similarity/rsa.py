@@ -1,4 +1,4 @@
-"""Representational similarity analysis: RDMs and their comparison (METHOD.md section 8)."""
+"""Representational similarity analysis: RDMs and their comparison (docs/method.md section 8)."""
 
 from __future__ import annotations
 
