@@ -9,6 +9,12 @@ An adapter turns a model into four operations on named *sites* (hook points):
   place and differentiably, and return the logits;
 - ``logits(inputs)``: a plain run.
 
+Optional, for prefix caching (:mod:`adapters.resume`; the TransformerLens and
+nnsight adapters have it, at a block's output): ``supports_prefix(site)``,
+``prefix(inputs, site)`` (the ``(batch, seq, width)`` states there) and
+``run_from_prefix(inputs, site, prefix, positions, replace)`` (the logits of
+``run_with_replacement``, running only what comes after the site).
+
 Shapes, once for the whole library (samples are rows):
 
 - ``inputs``: a ``(batch, seq)`` tensor of token ids (or ``(batch, seq, features)``),
