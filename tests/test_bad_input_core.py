@@ -311,3 +311,26 @@ def test_cli_corrupted_cached_model_is_named_with_the_fix(tmp_path) -> None:
         reference_model("gru", "multi_object", 0, tmp_path, log=lambda *a: None)
 
 
+
+
+# -- display ----------------------------------------------------------------------------------
+
+
+def test_report_plot_returns_a_figure_and_leaves_the_backend_alone(tmp_path) -> None:
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from masalign import IIAReport
+
+    report = IIAReport(
+        models=["A", "B"], sites={"A": "s", "B": "s"}, subspace_dim={"count": 2}, variable="count", n_pairs=4,
+        iia={"A": {"A": 0.9, "B": 0.25}, "B": {"A": 0.5, "B": 1.0}}, iia_token={"A": {"A": 1.0, "B": 0.5}, "B": {"A": 0.75, "B": 1.0}},
+        floor={"A": {"A": 0.1, "B": 0.0}, "B": {"A": 0.05, "B": 0.2}}, ceiling={"A": 0.97, "B": 1.0},
+    )
+    backend = matplotlib.get_backend()
+    figure = report.plot(tmp_path / "iia.png")
+    assert isinstance(figure, Figure) and (tmp_path / "iia.png").stat().st_size > 0
+    assert matplotlib.get_backend() == backend
+    html = report._repr_html_()
+    assert html.count("<tr>") == 4  # header, two sources, ceiling
+    assert "0.250 <small>(0.000)</small>" in html and "0.970" in html

@@ -175,17 +175,15 @@ class IIAReport:
         return self.table()
 
     def plot(self, path: str | Path | None = None, ax: Any = None) -> Any:
-        """Heatmap of ``iia[source][target]`` annotated with the floor; saves to ``path`` if given."""
-        import matplotlib
-
-        if path is not None and ax is None:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """Heatmap of ``iia[source][target]`` annotated with the floor, each target's ceiling
+        on its axis label; saves to ``path`` if given. Returns the matplotlib ``Figure``
+        (shown inline by Jupyter). Draws on ``ax`` when given; otherwise makes its own
+        figure without pyplot, so matplotlib's backend and pyplot's state are untouched."""
+        from matplotlib.figure import Figure
 
         matrix = [[self.iia.get(s, {}).get(t, float("nan")) for t in self.models] for s in self.models]
-        figure = None
         if ax is None:
-            figure, ax = plt.subplots(figsize=(1.6 * len(self.models) + 2.5, 1.4 * len(self.models) + 1.5))
+            ax = Figure(figsize=(1.6 * len(self.models) + 2.5, 1.4 * len(self.models) + 1.5)).subplots()
         image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
         for i, s in enumerate(self.models):
             for j, t in enumerate(self.models):
@@ -203,9 +201,34 @@ class IIAReport:
         if path is not None:
             ax.figure.tight_layout()
             ax.figure.savefig(path, dpi=120)
-            if figure is not None:
-                plt.close(figure)
-        return ax
+        return ax.figure
+
+    def _repr_html_(self) -> str:
+        """The IIA matrix as a coloured HTML table (Jupyter), floor in brackets, ceilings below."""
+        from html import escape
+
+        def cell(value: float | None, floor: float | None) -> str:
+            if value is None:
+                return "<td>-</td>"
+            shade = int(255 - 155 * max(0.0, min(1.0, value)))
+            text = f"{value:.3f}" + (f" <small>({floor:.3f})</small>" if floor is not None else "")
+            return f'<td style="background: rgb({shade}, {shade}, 255); text-align: right">{text}</td>'
+
+        header = "".join(f"<th>{escape(t)}</th>" for t in self.models)
+        rows = []
+        for s in self.models:
+            cells = "".join(
+                cell(self.iia.get(s, {}).get(t), self.floor.get(s, {}).get(t) if self.floor else None) for t in self.models
+            )
+            rows.append(f"<tr><th>{escape(s)}</th>{cells}</tr>")
+        if self.ceiling:
+            ceilings = "".join(f'<td style="text-align: right">{self.ceiling.get(t, float("nan")):.3f}</td>' for t in self.models)
+            rows.append(f"<tr><th>ceiling (task accuracy)</th>{ceilings}</tr>")
+        caption = (
+            f"IIA on {escape(repr(self.variable))} (trial accuracy; floor = untrained alignment in brackets), "
+            f"{self.n_pairs} pairs, k = {escape(str(self.subspace_dim))}, sites {escape(str(self.sites))}"
+        )
+        return f"<table><caption>{caption}</caption><tr><th>source \\ target</th>{header}</tr>{''.join(rows)}</table>"
 
 
 def _matrix(scores: Mapping[Direction, DirectionScores], models: Sequence[str], attr: str) -> Matrix:
