@@ -49,6 +49,7 @@ def test_pretrained_demo_writes_the_report_the_sweep_and_a_loadable_alignment(ti
     assert cli_main(arguments) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["pair"] == "pretrained-lm" and report["models"] == ["smollm2", "gemma3"]
+    assert report["positions"] == ["item_last"]
     for key in ("iia", "floor", "iia_token", "floor_token"):
         assert set(report[key]) == {"smollm2", "gemma3"} and all(set(row) == {"smollm2", "gemma3"} for row in report[key].values())
     assert set(report["ceiling"]) == {"smollm2", "gemma3"} and all(0 <= c <= 1 for c in report["ceiling"].values())

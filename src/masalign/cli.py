@@ -180,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--layers-gemma3", type=int, nargs="+", default=None, help="pretrained-lm: Gemma-3 layers to sweep")
     demo.add_argument("--lm-low", type=positive_int, default=1, help="pretrained-lm: smallest number in the counting runs")
     demo.add_argument("--lm-high", type=positive_int, default=20, help="pretrained-lm: largest number in the counting runs")
+    demo.add_argument(
+        "--lm-position", nargs="+", default=["item_last"], choices=["item_last", "item_first", "separator"],
+        help="pretrained-lm: the token(s) intervened on in each tokenisation, one slot each (masalign.lm_tasks anchors): "
+        "the last number's last digit (default), its first digit, or the comma after it",
+    )
     demo.add_argument("--transformer-site", default=DEMO_SITES["transformer"], help="the transformer's site for --pair gru-transformer")
     demo.add_argument("--subspace-dim", type=positive_int, default=None, help="k (default 16; 8 for pretrained-lm)")
     demo.add_argument("--steps", type=positive_int, default=None, help="most training steps, early stopping may end sooner (default 1000; 150 for pretrained-lm)")

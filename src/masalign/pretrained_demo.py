@@ -77,10 +77,11 @@ def run_pretrained_demo(args: Any, log: Callable[..., None]) -> tuple[dict[str, 
     times["models"] = time.perf_counter() - started
 
     task = counting(args.lm_low, args.lm_high, 3, 6)
-    log(f"[2/5] counting pairs ({args.lm_low}..{args.lm_high}), per-model views of the same pairs")
-    train = task.counterfactual_views(tokenizers, args.train_pairs, seed=args.seed + 1)
-    valid = task.counterfactual_views(tokenizers, args.valid_pairs, seed=args.seed + 2)
-    test = task.counterfactual_views(tokenizers, args.test_pairs, seed=args.seed + 3)
+    log(f"[2/5] counting pairs ({args.lm_low}..{args.lm_high}) intervened at {list(args.lm_position)}, per-model views of the same pairs")
+    position = tuple(args.lm_position)
+    train = task.counterfactual_views(tokenizers, args.train_pairs, seed=args.seed + 1, position=position)
+    valid = task.counterfactual_views(tokenizers, args.valid_pairs, seed=args.seed + 2, position=position)
+    test = task.counterfactual_views(tokenizers, args.test_pairs, seed=args.seed + 3, position=position)
     ceiling_data = task.evaluation_views(tokenizers, args.test_pairs, seed=args.seed + 4)
     t0 = time.perf_counter()
     ceiling = {name: task_accuracy(adapters[name], ceiling_data[name], batch_size=args.batch_size)[0] for name in adapters}
@@ -150,6 +151,7 @@ def run_pretrained_demo(args: Any, log: Callable[..., None]) -> tuple[dict[str, 
         "pair": "pretrained-lm",
         "sites": sites,
         "variable": task.variable,
+        "positions": list(args.lm_position),
         "models": names,
         "subspace_dim": args.subspace_dim,
         "iia": report.iia,
