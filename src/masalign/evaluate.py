@@ -148,6 +148,13 @@ class IIAReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def matrices(self) -> dict[str, Any]:
+        """The results without the settings: IIA, floor and ceiling, as the demos' reports hold them."""
+        return {
+            "iia": self.iia, "iia_token": self.iia_token, "ceiling": self.ceiling, "floor": self.floor,
+            "floor_token": self.floor_token, "n_test_pairs": self.n_pairs,
+        }
+
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
