@@ -166,6 +166,27 @@ def test_positions_name_the_intended_tokens_in_each_tokenisation(tokenizers) -> 
         encode(tokenizers["words"], [text], ("item_first", "item_last"))
 
 
+def test_answer_anchor_is_stepwise_over_the_answer(tokenizers) -> None:
+    task = counting(10, 30, 3, 4)  # every answer has two digits
+    views = task.counterfactual_views(tokenizers, 20, seed=4, position=("item_last", "answer"))
+    for name, n_answer in (("digits", 4), ("words", 2)):  # " ", "1", "5", ","  /  " 15", ","
+        view, tok = views[name], tokenizers[name]
+        assert view.base_positions.shape == view.source_positions.shape == (20, 1 + n_answer)
+        for i in range(20):
+            base_slots, source_slots = view.base_positions[i, 1:], view.source_positions[i, 1:]
+            labelled = (view.labels[i] != IGNORE_INDEX).nonzero().flatten()
+            assert base_slots.tolist() == labelled.tolist()  # every position that predicts an answer token
+            assert token_at(tok, view.base_inputs, i, int(base_slots[0])) == ","
+            # the source carries its own answer: the same tokens as the base's counterfactual one
+            base_ids = view.base_inputs["input_ids"][i, base_slots[1:]]
+            assert (view.source_inputs["input_ids"][i, source_slots[1:]] == base_ids).all()
+            assert int(view.source_inputs["attention_mask"][i, source_slots[-1]]) == 1
+    with pytest.raises(ValueError, match="answers differ in length"):
+        counting(1, 30).counterfactual_views(tokenizers, 40, position="answer")
+    with pytest.raises(ValueError, match="same token"):
+        task.counterfactual_views(tokenizers, 3, position=("separator", "answer"))
+
+
 def test_evaluation_views_label_the_natural_answer(tokenizers) -> None:
     task = letters()  # single-token items: the answer is " f", without a closing ","
     views = task.evaluation_views(tokenizers, 40, seed=5, padding_side="left")

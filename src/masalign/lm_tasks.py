@@ -37,7 +37,12 @@ tokenisations. In each view:
   (default) is the token holding the separator after the last item, the prompt's
   last token; ``"item_last"`` the token holding the last item's last character
   (for ``"14"`` split into ``"1", "4"``: the ``"4"``); ``"item_first"`` its first.
-  A tuple of anchors gives one slot each.
+  ``"answer"`` is one slot per position that predicts an answer token (the prompt's
+  last token and every answer token but the last), the reference code's "stepwise"
+  protocol on the response: the sources then carry their own answer too (teacher
+  forced, the same tokens as the base's counterfactual answer), and every answer
+  must have the same number of tokens (``counting(10, 98)``: two digits). A tuple
+  of anchors gives one slot each (``"answer"`` its several).
 
 The prompt and the answer are tokenised together, as one text, and split at the
 token that starts the answer; a tokenizer whose token spans the boundary (the
@@ -65,7 +70,7 @@ from torch import Tensor
 
 from .data import IGNORE_INDEX, CounterfactualPairs, LabelledSequences
 
-ANCHORS = ("separator", "item_last", "item_first")
+ANCHORS = ("separator", "item_last", "item_first", "answer")
 
 
 @dataclass(frozen=True)
@@ -238,7 +243,14 @@ class RunTask:
         views = {}
         for model_name, tokenizer in _checked_tokenizers(tokenizers).items():
             base = encode(tokenizer, base_text, anchors, padding_side, max_tokens, model_name)
-            source = encode(tokenizer, source_text, anchors, padding_side, max_tokens, model_name, prompt_only=True)
+            source = encode(
+                tokenizer, source_text, anchors, padding_side, max_tokens, model_name, prompt_only="answer" not in anchors
+            )
+            if source.positions.shape[1] != base.positions.shape[1]:
+                raise ValueError(
+                    f"{model_name}: the bases' answers have {base.positions.shape[1]} slots but the sources' "
+                    f"{source.positions.shape[1]}; 'answer' positions need answers of one length in tokens"
+                )
             views[model_name] = CounterfactualPairs(
                 base_inputs=base.inputs,
                 source_inputs=source.inputs,
@@ -299,6 +311,7 @@ def encode(
     inputs keep every token but the answer's last; the label at position ``i`` is the
     token at ``i + 1`` for the prompt's last token and the answer's tokens. With
     ``prompt_only`` the inputs are the prompt alone and the labels empty (sources).
+    The ``"answer"`` anchor stands for the positions that predict the answer's tokens.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -318,7 +331,14 @@ def encode(
         if not prompt_only:
             for i in range(prompt_length - 1, len(tokens)):
                 labels[i] = ids[i + 1]
-        positions = [_token_at(offsets, text.anchors[a], prompt_length, text, a, model_name) for a in anchors]
+        positions = []
+        for anchor in anchors:
+            if anchor == "answer":
+                if prompt_only:
+                    raise ValueError("the 'answer' anchor needs the answer's tokens: encode with prompt_only=False")
+                positions += range(prompt_length - 1, prompt_length + answer_length - 1)
+            else:
+                positions.append(_token_at(offsets, text.anchors[anchor], prompt_length, text, anchor, model_name))
         if len(set(positions)) != len(positions):
             raise ValueError(
                 f"{model_name}: the anchors {list(anchors)} fall on the same token ({positions}) in {text.prompt!r}; "
@@ -333,6 +353,12 @@ def encode(
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    slots = sorted({len(row) for row in anchor_rows})
+    if len(slots) > 1:
+        raise ValueError(
+            f"{model_name}: the 'answer' anchor gives {slots[0]} slots in some rows and {slots[-1]} in others: the "
+            "answers differ in length in tokens; choose values whose answers have one length (e.g. counting(10, 98))"
+        )
     positions = torch.tensor(anchor_rows, dtype=torch.long)
     for i, (tokens, row_labels) in enumerate(zip(rows, label_rows)):
         shift = width - len(tokens) if padding_side == "left" else 0
@@ -419,12 +445,19 @@ def _checked_tokenizers(tokenizers: Mapping[str, Any]) -> Mapping[str, Any]:
 # -- the tasks -----------------------------------------------------------------------------------
 
 
-def counting(low: int = 1, high: int = 20, min_length: int = 3, max_length: int = 6, prefix: str = "") -> RunTask:
-    """Counting on: ``"3, 4, 5, 6,"`` -> ``" 7,"``, every number in ``low..high``; variable ``"number"``."""
+def counting(
+    low: int = 1, high: int = 20, min_length: int = 3, max_length: int = 6, prefix: str = "", space: str = " "
+) -> RunTask:
+    """Counting on: ``"3, 4, 5, 6,"`` -> ``" 7,"``, every number in ``low..high``; variable ``"number"``.
+
+    ``space=""`` writes ``"3,4,5,6,"`` -> ``"7,"``: with tokenizers that make the space
+    its own token, the prompt's last token then predicts the answer's first digit.
+    """
     if low < 0 or high <= low:
         raise ValueError(f"counting needs 0 <= low < high, got low={low}, high={high}")
     return RunTask(
-        "counting", "number", tuple(str(n) for n in range(low, high + 1)), False, min_length, max_length, prefix=prefix
+        "counting", "number", tuple(str(n) for n in range(low, high + 1)), False, min_length, max_length,
+        space=space, prefix=prefix,
     )
 
 
