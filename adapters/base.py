@@ -15,6 +15,13 @@ nnsight adapters have it, at a block's output): ``supports_prefix(site)``,
 ``run_from_prefix(inputs, site, prefix, positions, replace)`` (the logits of
 ``run_with_replacement``, running only what comes after the site).
 
+Optional, for logits at chosen positions only: ``output_module()``, the module
+that turns the final ``(batch, seq, width)`` states into logits (the
+unembedding), or ``None``. Within :func:`logits_only_at` it sees only the rows
+at the given positions, so the model returns ``(batch, n, vocab)`` logits: with
+a 262,144-token vocabulary the unembedding costs more than a late layer's
+blocks, and a loss needs it only where there are labels.
+
 Shapes, once for the whole library (samples are rows):
 
 - ``inputs``: a ``(batch, seq)`` tensor of token ids (or ``(batch, seq, features)``),
@@ -463,6 +470,43 @@ def site_did_not_run(model_name: str, site: str) -> SiteError:
 
 class StopForward(Exception):
     """Raised from inside a model's forward pass once everything to be read has been read."""
+
+
+@contextlib.contextmanager
+def logits_only_at(module: nn.Module, positions: Tensor) -> Iterator[None]:
+    """Within the block, ``module`` (a model's unembedding) sees only the rows at ``positions``.
+
+    ``positions`` ``(batch, n)``: the model's logits come out ``(batch, n, vocab)``,
+    row ``[b, j]`` being position ``positions[b, j]`` of a full run's, when nothing
+    after ``module`` mixes positions (true of a Hugging Face causal LM's head,
+    Gemma's soft-capping included, and of TransformerLens' unembed;
+    :func:`masalign.logit_rows.restricts_logits` checks it on a model). The
+    module must run exactly once.
+    """
+    calls = []
+
+    def gather(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        calls.append(None)
+        key = None if args else next(iter(kwargs))
+        hidden = args[0] if args else kwargs[key]
+        if not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[0] != positions.shape[0]:
+            got = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
+            raise ValueError(
+                f"the unembedding got {got}, not the (batch={positions.shape[0]}, seq, width) states that logits at "
+                "chosen positions need"
+            )
+        rows = hidden[torch.arange(hidden.shape[0], device=hidden.device)[:, None], positions.to(hidden.device)]
+        if key is None:
+            return (rows, *args[1:]), kwargs
+        return args, {**kwargs, key: rows}
+
+    handle = module.register_forward_pre_hook(gather, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+    if len(calls) != 1:
+        raise SiteError(f"the unembedding ran {len(calls)} times in one forward pass, not once; logits at chosen positions need one call")
 
 
 def logits_from_output(output: Any, adapter: str) -> Tensor:

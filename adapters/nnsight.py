@@ -208,6 +208,13 @@ class NNsightAdapter:
         replacement.check_gradient_reached(logits)
         return logits
 
+    def output_module(self) -> nn.Module | None:
+        """A Hugging Face model's output embedding (``get_output_embeddings()``), for
+        :func:`adapters.base.logits_only_at`; ``None`` for other models."""
+        get = getattr(self.model, "get_output_embeddings", None)
+        module = get() if callable(get) else None
+        return module if isinstance(module, nn.Module) else None
+
     # -- prefix caching (optional; see adapters/resume.py) ---------------------------
 
     def supports_prefix(self, site: str) -> bool:

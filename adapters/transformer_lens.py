@@ -220,6 +220,11 @@ class TransformerLensAdapter:
         replacement.check_gradient_reached(logits)
         return logits
 
+    def output_module(self) -> nn.Module | None:
+        """The unembedding (``unembed``), for :func:`adapters.base.logits_only_at`."""
+        unembed = getattr(self._model, "unembed", None)
+        return unembed if isinstance(unembed, nn.Module) else None
+
     # -- prefix caching (optional; see adapters/resume.py) ---------------------------
 
     def supports_prefix(self, site: str) -> bool:

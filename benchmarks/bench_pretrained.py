@@ -10,7 +10,9 @@ direction (DAS within the model), at an early, a middle and a late layer:
 - MAS: one training step of the alignment (intervened forward, loss at the label
   position, backward into the alignment, Adam step), the model frozen;
 - MAS + prefix: the same step run from the cached states at the site
-  (``fit(prefix_cache=True)``), only the blocks after the site.
+  (``fit(prefix_cache=True)``), only the blocks after the site;
+- MAS + prefix + label logits: as well, the unembedding only at the labelled
+  position (what ``fit`` does: :mod:`masalign.logit_rows`), not at every one.
 
 ``--repeats`` rounds (default 3) after one warm-up of each step; each round times every
 step once, side by side, and the ratios are the medians of the ratios within a round (other
@@ -31,6 +33,7 @@ from bench_mas import timed
 
 from masalign import ModelAlignment
 from masalign.data import IGNORE_INDEX
+from masalign.logit_rows import label_slots
 from masalign.objectives import intervention_loss
 from masalign.prefix import base_prefixes
 from masalign.pretrained import load_pretrained
@@ -90,15 +93,22 @@ def bench_model(name: str, backend: str, repeats: int) -> dict:
         assert prefix is not None, f"{name} cannot resume at {site}"
         optimizer = torch.optim.Adam(alignment.parameters(), lr=1e-3)
 
-        def mas_step(alignment=alignment, optimizer=optimizer, hidden=hidden, base_prefix=None) -> None:
+        def mas_step(alignment=alignment, optimizer=optimizer, hidden=hidden, base_prefix=None, at_labels=False) -> None:
             with frozen_models(alignment):
                 optimizer.zero_grad(set_to_none=True)
-                logits = alignment.intervened_logits("m", "m", hidden, inputs, positions, base_prefix=base_prefix)
-                intervention_loss(logits, mas_labels).backward()
+                if at_labels:
+                    logit_positions, labels = label_slots(mas_labels)
+                else:
+                    logit_positions, labels = None, mas_labels
+                logits = alignment.intervened_logits(
+                    "m", "m", hidden, inputs, positions, base_prefix=base_prefix, logit_positions=logit_positions
+                )
+                intervention_loss(logits, labels).backward()
                 optimizer.step()
 
         steps[where, layer, "mas"] = mas_step
         steps[where, layer, "mas_prefix"] = functools.partial(mas_step, base_prefix=prefix)
+        steps[where, layer, "mas_prefix_labels"] = functools.partial(mas_step, base_prefix=prefix, at_labels=True)
 
     def plain_step_with_grads() -> None:
         for parameter in model.parameters():
@@ -113,11 +123,14 @@ def bench_model(name: str, backend: str, repeats: int) -> dict:
     plain = statistics.median(r["plain"] for r in rounds)
     rows = []
     for where, layer in layers.items():
-        ratio = {kind: statistics.median(r[where, layer, kind] / r["plain"] for r in rounds) for kind in ("mas", "mas_prefix")}
+        kinds = ("mas", "mas_prefix", "mas_prefix_labels")
+        ratio = {kind: statistics.median(r[where, layer, kind] / r["plain"] for r in rounds) for kind in kinds}
         rows.append({"where": where, "layer": layer, "site": site_name(backend, layer),
                      "mas_s": statistics.median(r[where, layer, "mas"] for r in rounds),
                      "mas_prefix_s": statistics.median(r[where, layer, "mas_prefix"] for r in rounds),
-                     "mas_over_plain": ratio["mas"], "mas_prefix_over_plain": ratio["mas_prefix"]})
+                     "mas_prefix_labels_s": statistics.median(r[where, layer, "mas_prefix_labels"] for r in rounds),
+                     "mas_over_plain": ratio["mas"], "mas_prefix_over_plain": ratio["mas_prefix"],
+                     "mas_prefix_labels_over_plain": ratio["mas_prefix_labels"]})
     return {"model": name, "backend": backend, "n_layers": n_layers, "batch": batch, "seq": seq, "plain_s": plain,
             "rounds": [{"/".join(map(str, key)) if isinstance(key, tuple) else key: t for key, t in r.items()} for r in rounds],
             "layers": rows}
@@ -135,12 +148,12 @@ def main() -> None:
 
     print(f"MAS step / plain forward+backward (k={K}, 16 prompts, backend {args.backend}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__})")
-    print(f"{'model':<14}{'layer':>12}{'plain (s)':>11}{'MAS':>8}{'MAS+prefix':>12}")
+    print(f"{'model':<14}{'layer':>12}{'plain (s)':>11}{'MAS':>8}{'MAS+prefix':>12}{'+label logits':>15}")
     for result in results:
         for row in result["layers"]:
             where = f"{row['where']} {row['layer']}/{result['n_layers']}"
             print(f"{result['model']:<14}{where:>12}{result['plain_s']:>11.3f}"
-                  f"{row['mas_over_plain']:>8.2f}{row['mas_prefix_over_plain']:>12.2f}")
+                  f"{row['mas_over_plain']:>8.2f}{row['mas_prefix_over_plain']:>12.2f}{row['mas_prefix_labels_over_plain']:>15.2f}")
     if args.json:
         machine = {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "platform": platform.platform(), "load_average": os.getloadavg()}

@@ -30,6 +30,7 @@ from .data import (
     view_for,
 )
 from .mas import ModelAlignment
+from .logit_rows import label_slots
 from .objectives import Direction, Matrix, check_directions, correct_counts, intervention_loss, to_matrix
 from .prefix import prefix_rows
 
@@ -71,7 +72,8 @@ def interchange_scores(
         for index in batches(n, batch_size):
             if index[0] == 0:
                 view.check_vocabulary(vocabulary_size(alignment.models[target], view.base_inputs), f"model {target!r}")
-            labels = view.labels[index].to(device)
+            logit_positions, labels = label_slots(view.labels[index])
+            labels = labels.to(device)
             logits = alignment.intervened_logits(
                 source,
                 target,
@@ -80,6 +82,7 @@ def interchange_scores(
                 view.base_positions[index].to(device),
                 variable,
                 prefix_rows(prefix_cache, target, index, device),
+                logit_positions.to(device),
             )
             t, k, m = correct_counts(logits, labels)
             trials, tokens, label_tokens = trials + t, tokens + k, label_tokens + m

@@ -23,6 +23,7 @@ from .adapters import ModelAdapter
 from .adapters.base import check_finite, unknown_site_error
 from .alignment import make_alignment
 from .data import CounterfactualData, ModelInputs, batches, check_views, index_inputs, inputs_to, view_for
+from .logit_rows import logits_at
 from .storage import FORMAT_VERSION, atomic_folder, read_save, write_json, write_tensors
 
 
@@ -179,6 +180,7 @@ class ModelAlignment(nn.Module):
         base_positions: Tensor,
         variable: str | None = None,
         base_prefix: Tensor | None = None,
+        logit_positions: Tensor | None = None,
     ) -> Tensor:
         """Target logits ``(batch, seq, vocab)`` after the interchange from ``source``.
 
@@ -187,7 +189,10 @@ class ModelAlignment(nn.Module):
         ``base_positions[:, j]`` in the target. ``base_prefix`` ``(batch, seq,
         d_target)``, the target's states at its site on ``base_inputs``
         (:func:`masalign.prefix.base_prefixes`), runs only the blocks after the
-        site, with the same logits.
+        site, with the same logits. ``logit_positions`` ``(batch, n)`` gives the
+        logits at those positions only, ``(batch, n, vocab)``
+        (:func:`masalign.logit_rows.logits_at`: the unembedding runs on those rows
+        where the adapter allows it).
         """
         block = self.block(variable)
         source_alignment, target_alignment = self.alignments[source], self.alignments[target]
@@ -208,9 +213,15 @@ class ModelAlignment(nn.Module):
             return target_alignment.substitute(hidden, block, new_values.to(hidden.dtype), self.keep_complement)
 
         adapter, site = self.models[target], self.sites[target]
-        if base_prefix is not None:
-            return adapter.run_from_prefix(base_inputs, site, base_prefix, base_positions, replace)
-        return adapter.run_with_replacement(base_inputs, site, base_positions, replace)
+
+        def run() -> Tensor:
+            if base_prefix is not None:
+                return adapter.run_from_prefix(base_inputs, site, base_prefix, base_positions, replace)
+            return adapter.run_with_replacement(base_inputs, site, base_positions, replace)
+
+        if logit_positions is None:
+            return run()
+        return logits_at(adapter, logit_positions, base_inputs, run)
 
     def block(self, variable: str | None) -> slice:
         if variable is None:

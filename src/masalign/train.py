@@ -28,6 +28,7 @@ from .data import CounterfactualData, CounterfactualPairs, check_views, index_in
 from .evaluate import interchange_scores
 from .latents import LatentTargets, cl_loss, natural_latents, range_excess, symmetric_kl_histogram
 from .mas import ModelAlignment
+from .logit_rows import label_slots
 from .objectives import Direction, Matrix, check_directions, intervention_loss, to_matrix
 from .prefix import dataset_prefixes, prefix_rows
 
@@ -328,6 +329,7 @@ def _training_step(
         losses = []
         for source, target in directions:
             view = view_for(item, target)
+            logit_positions, labels = label_slots(view.labels[index])
             logits = alignment.intervened_logits(
                 source,
                 target,
@@ -336,8 +338,9 @@ def _training_step(
                 view.base_positions[index].to(device),
                 variable,
                 prefix_rows(train_prefix[variable], target, index, device),
+                logit_positions.to(device),
             )
-            losses.append(intervention_loss(logits, view.labels[index].to(device)))
+            losses.append(intervention_loss(logits, labels.to(device)))
             # One backward per direction frees its graph at once; the gradients
             # add up exactly as for the summed loss.
             losses[-1].backward()
