@@ -5,7 +5,9 @@ Data flows one way: a task and its causal model give counterfactual pairs
 (:mod:`masalign.adapters`); alignment functions and the interchange
 (:mod:`masalign.alignment`, :class:`ModelAlignment`) are trained by :func:`fit`
 and scored by :func:`evaluate` (directions and the loss they share:
-:mod:`masalign.objectives`; the IIA-against-k sweep: :mod:`masalign.sweep`).
+:mod:`masalign.objectives`; the IIA-against-k sweep: :mod:`masalign.sweep`;
+reads shared across fits: :class:`ActivationMemo`). Activation patching and
+ablation over sites x positions, on the same adapters: :mod:`masalign.patching`.
 """
 
 from .adapters import ModelAdapter, ModelInputs, NNsightAdapter, SiteError, TorchModuleAdapter, TransformerLensAdapter
@@ -22,12 +24,21 @@ from .alignment import (
 from .data import IGNORE_INDEX, CounterfactualPairs, LabelledSequences
 from .evaluate import IIAReport, evaluate, interchange_scores, task_accuracy
 from .mas import ModelAlignment
+from .memo import ActivationMemo
 from .objectives import Direction, all_directions
+from .patching import AnswerAccuracy, AnswerProbability, LogitDifference, PatchingResult, ablation, activation_patching
 from .sweep import iia_by_subspace_dim
 from .train import FitResult, LatentObjective, fit
 
 __all__ = [
     "IGNORE_INDEX",
+    "ActivationMemo",
+    "AnswerAccuracy",
+    "AnswerProbability",
+    "LogitDifference",
+    "PatchingResult",
+    "ablation",
+    "activation_patching",
     "AlignmentFunction",
     "CouplingAlignment",
     "ElementwiseInverseAlignment",

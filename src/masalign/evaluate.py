@@ -29,10 +29,11 @@ from .data import (
     variable_of,
     view_for,
 )
-from .mas import ModelAlignment
 from .logit_rows import label_slots
+from .mas import ModelAlignment
+from .memo import ActivationMemo
 from .objectives import Direction, Matrix, check_directions, correct_counts, intervention_loss, to_matrix
-from .prefix import prefix_rows
+from .prefix import dataset_prefixes, prefix_rows
 
 @dataclass
 class DirectionScores:
@@ -252,14 +253,29 @@ def evaluate(
     floor: bool = True,
     directions: Sequence[Direction] | None = None,
     batch_size: int = 256,
+    prefix_cache: bool = True,
+    memo: ActivationMemo | None = None,
 ) -> IIAReport:
     """IIA of every direction on held-out ``test`` pairs, with floor and ceiling.
 
     ``ceiling_data``: task data (shared, or one per model) for each target's own
-    task accuracy; omit it to leave the ceiling out.
+    task accuracy; omit it to leave the ceiling out. The sources' activations and
+    (with ``prefix_cache``, as in :func:`masalign.fit`) the targets' base runs up
+    to their sites are read once for the trained alignment and its floor; pass a
+    ``memo`` (:class:`masalign.memo.ActivationMemo`) to share them with fits and
+    other evaluations on the same pairs.
     """
     directions = check_directions(alignment, directions)
-    scores = interchange_scores(alignment, test, directions, batch_size=batch_size)
+    memo = ActivationMemo() if memo is None else memo
+    test_data = {variable_of(test): test}
+    sources = sorted({s for s, _ in directions})
+    targets = sorted({t for _, t in directions}) if prefix_cache else []
+    source_cache = {
+        s: alignment.source_activations(s, view_for(test, s).source_inputs, view_for(test, s).source_positions, memo=memo)
+        for s in sources
+    }
+    prefixes = dataset_prefixes(alignment, test_data, targets, memo)[variable_of(test)]
+    scores = interchange_scores(alignment, test, directions, source_cache, batch_size, prefixes)
     models = alignment.model_names
     report = IIAReport(
         models=models,
@@ -271,7 +287,7 @@ def evaluate(
         iia_token=_matrix(scores, models, "token_accuracy"),
     )
     if floor:
-        floor_scores = interchange_scores(untrained_copy(alignment), test, directions, batch_size=batch_size)
+        floor_scores = interchange_scores(untrained_copy(alignment), test, directions, source_cache, batch_size, prefixes)
         report.floor = _matrix(floor_scores, models, "trial_accuracy")
         report.floor_token = _matrix(floor_scores, models, "token_accuracy")
     if ceiling_data is not None:

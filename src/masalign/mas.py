@@ -24,6 +24,7 @@ from .adapters.base import check_finite, unknown_site_error
 from .alignment import make_alignment
 from .data import CounterfactualData, ModelInputs, batches, check_views, index_inputs, inputs_to, view_for
 from .logit_rows import logits_at
+from .memo import ActivationMemo
 from .storage import FORMAT_VERSION, atomic_folder, read_save, write_json, write_tensors
 
 
@@ -150,9 +151,17 @@ class ModelAlignment(nn.Module):
     # -- reading and intervening ------------------------------------------------------------
 
     @torch.no_grad()
-    def source_activations(self, model: str, inputs: ModelInputs, positions: Tensor, batch_size: int = 512) -> Tensor:
-        """``(N, n_slots, width)`` activations of ``model`` at its site, without gradient."""
+    def source_activations(
+        self, model: str, inputs: ModelInputs, positions: Tensor, batch_size: int = 512, memo: ActivationMemo | None = None
+    ) -> Tensor:
+        """``(N, n_slots, width)`` activations of ``model`` at its site, without gradient.
+
+        With a ``memo`` (:class:`masalign.memo.ActivationMemo`) they are read once
+        per (model, site, inputs, positions) across fits and evaluations.
+        """
         adapter, site = self.models[model], self.sites[model]
+        if memo is not None:
+            return memo.get("source", adapter, site, inputs, positions, lambda: self.source_activations(model, inputs, positions, batch_size))
         parts = [
             adapter.activations(inputs_to(index_inputs(inputs, index), self.device), site, positions[index].to(self.device))
             for index in batches(positions.shape[0], batch_size)

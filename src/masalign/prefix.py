@@ -26,6 +26,7 @@ from torch import Tensor
 from .adapters.base import SiteError, tokens_and_mask
 from .adapters.resume import check_resume_exact
 from .data import CounterfactualData, ModelInputs, batches, index_inputs, inputs_to, view_for
+from .memo import ActivationMemo
 
 PREFIX_CACHE_MAX_BYTES = 2 * 2**30  # per model and dataset
 
@@ -82,16 +83,23 @@ def _unchanged(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Ten
 
 
 def dataset_prefixes(
-    alignment: Any, data: Mapping[str, CounterfactualData], targets: Sequence[str]
+    alignment: Any, data: Mapping[str, CounterfactualData], targets: Sequence[str], memo: ActivationMemo | None = None
 ) -> dict[str, dict[str, Tensor]]:
-    """variable -> target model -> :func:`base_prefixes` of its base inputs; targets that are not cached are left out."""
+    """variable -> target model -> :func:`base_prefixes` of its base inputs; targets that are not cached are left out.
+
+    With a ``memo`` each (model, site, base inputs) is read once across calls.
+    """
     cache: dict[str, dict[str, Tensor]] = {}
     for variable, item in data.items():
         cache[variable] = {}
         for target in targets:
             view = view_for(item, target)
             adapter, site = alignment.models[target], alignment.sites[target]
-            states = base_prefixes(adapter, site, view.base_inputs, view.base_positions, alignment.widths[target], model_name=target)
+
+            def read(view=view, adapter=adapter, site=site, target=target) -> Tensor | None:
+                return base_prefixes(adapter, site, view.base_inputs, view.base_positions, alignment.widths[target], model_name=target)
+
+            states = read() if memo is None else memo.get("prefix", adapter, site, view.base_inputs, view.base_positions, read)
             if states is not None:
                 cache[variable][target] = states
     return cache

@@ -27,8 +27,9 @@ from .adapters.base import check_finite
 from .data import CounterfactualData, CounterfactualPairs, check_views, index_inputs, inputs_to, variable_of, view_for
 from .evaluate import interchange_scores
 from .latents import LatentTargets, cl_loss, natural_latents, range_excess, symmetric_kl_histogram
-from .mas import ModelAlignment
 from .logit_rows import label_slots
+from .mas import ModelAlignment
+from .memo import ActivationMemo
 from .objectives import Direction, Matrix, check_directions, intervention_loss, to_matrix
 from .prefix import dataset_prefixes, prefix_rows
 
@@ -293,11 +294,14 @@ class _BatchSampler:
 
 
 def _source_cache(
-    alignment: ModelAlignment, data: dict[str, CounterfactualData], sources: Sequence[str]
+    alignment: ModelAlignment, data: dict[str, CounterfactualData], sources: Sequence[str], memo: ActivationMemo | None = None
 ) -> dict[str, dict[str, Tensor]]:
     """variable -> source model -> its activations at the source positions, read once without gradient."""
     return {
-        variable: {s: alignment.source_activations(s, view_for(d, s).source_inputs, view_for(d, s).source_positions) for s in sources}
+        variable: {
+            s: alignment.source_activations(s, view_for(d, s).source_inputs, view_for(d, s).source_positions, memo=memo)
+            for s in sources
+        }
         for variable, d in data.items()
     }
 
@@ -455,6 +459,7 @@ def fit(
     progress: bool = True,
     latent_objective: LatentObjective | None = None,
     prefix_cache: bool = True,
+    memo: ActivationMemo | None = None,
 ) -> FitResult:
     """Train ``alignment`` on counterfactual pairs; returns a :class:`FitResult`.
 
@@ -478,6 +483,9 @@ def fit(
             (TransformerLens and nnsight sites at a block's output); costs
             ``rows x seq x width`` floats per target on the CPU, e.g. 123 MB for
             2,000 pairs of 24 tokens at width 640, and is skipped beyond 2 GiB.
+        memo: an :class:`masalign.memo.ActivationMemo` shared by several fits
+            and evaluations on the same models and pairs (a layer sweep): the
+            source activations and base prefixes at a (model, site) are read once.
 
     The best state (highest mean validation trial accuracy, ties broken by lower
     loss) is restored at the end, also after Ctrl-C, which stops the fit cleanly,
@@ -500,11 +508,11 @@ def fit(
     with frozen_models(alignment):
         _check_vocabulary(alignment, train_data, directions)
         sources = sorted({s for s, _ in directions})
-        train_cache = _source_cache(alignment, train_data, sources)
-        valid_cache = _source_cache(alignment, valid_data, sources)
+        train_cache = _source_cache(alignment, train_data, sources, memo)
+        valid_cache = _source_cache(alignment, valid_data, sources, memo)
         targets = sorted({t for _, t in directions}) if prefix_cache else []
-        train_prefix = dataset_prefixes(alignment, train_data, targets)
-        valid_prefix = dataset_prefixes(alignment, valid_data, targets)
+        train_prefix = dataset_prefixes(alignment, train_data, targets, memo)
+        valid_prefix = dataset_prefixes(alignment, valid_data, targets, memo)
         latent = None
         if latent_objective is not None:
             latent_variable = next(iter(train_data))
