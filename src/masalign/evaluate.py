@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import distributed
 from .adapters import ModelAdapter
 from .data import (
     CounterfactualData,
@@ -50,12 +51,16 @@ def interchange_scores(
     source_cache: Mapping[str, Tensor] | None = None,
     batch_size: int = 256,
     prefix_cache: Mapping[str, Tensor] | None = None,
+    shard: bool = False,
 ) -> dict[Direction, DirectionScores]:
     """IIA (trial and token accuracy) and loss of each direction on ``data``.
 
     ``source_cache`` (model -> source activations for ``data``) skips recomputing them;
     ``prefix_cache`` (model -> :func:`masalign.prefix.base_prefixes` of its base
-    inputs) runs only the blocks after the target's site.
+    inputs) runs only the blocks after the target's site. ``shard=True`` under
+    ``torchrun`` (:mod:`masalign.distributed`): each process scores its share of
+    every batch and the sums are combined, so every process gets the
+    single-process scores; every process must then call it.
     """
     directions = check_directions(alignment, directions)
     n = check_views(data)
@@ -73,21 +78,27 @@ def interchange_scores(
         for index in batches(n, batch_size):
             if index[0] == 0:
                 view.check_vocabulary(vocabulary_size(alignment.models[target], view.base_inputs), f"model {target!r}")
-            logit_positions, labels = label_slots(view.labels[index])
+            rows = distributed.shard(index) if shard else index
+            if len(rows) == 0:  # more processes than rows in this batch
+                continue
+            logit_positions, labels = label_slots(view.labels[rows])
             labels = labels.to(device)
             logits = alignment.intervened_logits(
                 source,
                 target,
-                cache[source][index].to(device),
-                inputs_to(index_inputs(view.base_inputs, index), device),
-                view.base_positions[index].to(device),
+                cache[source][rows].to(device),
+                inputs_to(index_inputs(view.base_inputs, rows), device),
+                view.base_positions[rows].to(device),
                 variable,
-                prefix_rows(prefix_cache, target, index, device),
+                prefix_rows(prefix_cache, target, rows, device),
                 logit_positions.to(device),
             )
             t, k, m = correct_counts(logits, labels)
             trials, tokens, label_tokens = trials + t, tokens + k, label_tokens + m
-            loss_sum += float(intervention_loss(logits, labels)) * len(index)
+            loss = distributed.loss_share(logits, labels, view.labels[index]) if shard else intervention_loss(logits, labels)
+            loss_sum += float(loss) * len(index)
+        if shard:
+            trials, tokens, label_tokens, loss_sum = distributed.all_reduce_sum([trials, tokens, label_tokens, loss_sum])
         scores[(source, target)] = DirectionScores(trials / n, tokens / max(label_tokens, 1), loss_sum / n)
     return scores
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adapters.base import check_finite
 from .data import CounterfactualData, CounterfactualPairs, check_views, index_inputs, inputs_to, variable_of, view_for
 from .evaluate import interchange_scores
@@ -30,7 +31,7 @@ from .latents import LatentTargets, cl_loss, natural_latents, range_excess, symm
 from .logit_rows import label_slots
 from .mas import ModelAlignment
 from .memo import ActivationMemo
-from .objectives import Direction, Matrix, check_directions, intervention_loss, to_matrix
+from .objectives import Direction, Matrix, check_directions, to_matrix
 from .prefix import dataset_prefixes, prefix_rows
 
 
@@ -329,9 +330,11 @@ def _training_step(
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for variable, item in train_data.items():
-        index = batch[variable]
+        index = distributed.shard(batch[variable])  # this process's rows (all of them without torchrun)
         losses = []
         for source, target in directions:
+            if len(index) == 0:  # more processes than rows in the batch: this one only joins the sums
+                break
             view = view_for(item, target)
             logit_positions, labels = label_slots(view.labels[index])
             logits = alignment.intervened_logits(
@@ -344,7 +347,7 @@ def _training_step(
                 prefix_rows(train_prefix[variable], target, index, device),
                 logit_positions.to(device),
             )
-            losses.append(intervention_loss(logits, labels.to(device)))
+            losses.append(distributed.loss_share(logits, labels.to(device), view.labels[batch[variable]]))
             # One backward per direction frees its graph at once; the gradients
             # add up exactly as for the summed loss.
             losses[-1].backward()
@@ -354,9 +357,11 @@ def _training_step(
                 losses.append(latent.weight * cl_loss(intervened, latent.natural[target][index], latent.kind, latent.found[index]))
                 losses[-1].backward()
         step_loss = sum(float(loss.detach()) for loss in losses)
+        [step_loss] = distributed.all_reduce_sum([step_loss])  # every process raises, or none
         if not math.isfinite(step_loss):
             raise _non_finite_loss(step, f"training loss of variable {variable!r}")
         total += step_loss
+    distributed.all_reduce_gradients(alignment.parameters())  # the shares' gradients add up to the batch's
     optimizer.step()
     return total
 
@@ -373,7 +378,7 @@ def _validate(
     loss, accuracy = 0.0, {}
     for variable, item in valid_data.items():
         scores = interchange_scores(
-            alignment, item, directions, source_cache=valid_cache[variable], prefix_cache=valid_prefix[variable]
+            alignment, item, directions, source_cache=valid_cache[variable], prefix_cache=valid_prefix[variable], shard=True
         )
         accuracy[variable] = to_matrix({d: score.trial_accuracy for d, score in scores.items()}, alignment.model_names)
         loss += sum(score.loss for score in scores.values())
@@ -490,6 +495,12 @@ def fit(
     The best state (highest mean validation trial accuracy, ties broken by lower
     loss) is restored at the end, also after Ctrl-C, which stops the fit cleanly,
     and after an error. A loss that becomes NaN or infinite is an error.
+
+    Under ``torchrun`` (an initialised ``torch.distributed`` process group) every
+    process must call ``fit`` with the same arguments: each runs the models on its
+    share of every batch and the gradients and validation counts are summed
+    (:mod:`masalign.distributed`), giving one process's alignment; only rank 0
+    shows progress. ``latent_objective`` is refused there.
     """
     if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
         raise RuntimeError("fit needs gradients: call it outside torch.no_grad() / torch.inference_mode()")
@@ -501,8 +512,11 @@ def fit(
         raise ValueError(f"train has variables {sorted(train_data)} but valid has {sorted(valid_data)}")
     _check_inputs(alignment, train_data, "train")
     _check_inputs(alignment, valid_data, "valid")
+    if latent_objective is not None and distributed.world_size() > 1:
+        raise NotImplementedError("the CL loss (latent_objective) is not supported in a distributed fit; run it in one process")
     if standardize:
         alignment.fit_standardization(next(iter(train_data.values())))
+    distributed.broadcast_state(alignment.alignments)  # under torchrun: every process starts from rank 0's state
     start_time = time.perf_counter()
 
     with frozen_models(alignment):
@@ -522,7 +536,7 @@ def fit(
         stopping = _EarlyStopping(alignment, patience, min_delta, target_accuracy)
         history: list[dict[str, Any]] = []
         stop_reason, step = "max_steps", 0
-        bar = _progress_bar(steps, progress)
+        bar = _progress_bar(steps, progress and distributed.is_main())
 
         def validate(at_step: int) -> str | None:
             loss, accuracy = _validate(alignment, valid_data, valid_cache, directions, at_step, valid_prefix)
