@@ -37,14 +37,15 @@ def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_pretrained_demo_writes_the_report_the_sweep_and_a_loadable_alignment(tiny_folders, tmp_path, monkeypatch) -> None:
     torch.set_num_threads(1)
     monkeypatch.setattr(pretrained_demo, "DEMO_LMS", {
-        "smollm2": pretrained_demo.DemoModel(str(tiny_folders["smollm2"]), "transformer_lens", "blocks.{layer}.hook_resid_post", 2),
-        "gemma3": pretrained_demo.DemoModel(str(tiny_folders["gemma3"]), "nnsight", "model.layers.{layer}.output", 2),
+        "smollm2": pretrained_demo.DemoModel(str(tiny_folders["smollm2"]), "transformer_lens", "blocks.{layer}.hook_resid_post", 2, (0, 1)),
+        "gemma3": pretrained_demo.DemoModel(str(tiny_folders["gemma3"]), "nnsight", "model.layers.{layer}.output", 2, (1,)),
     })
     out = tmp_path / "out"
     arguments = [
         "demo", "--pair", "pretrained-lm", "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet",
         "--steps", "4", "--sweep-steps", "2", "--eval-every", "2", "--train-pairs", "32", "--valid-pairs", "8",
-        "--test-pairs", "16", "--batch-size", "8", "--subspace-dim", "4", "--layers-smollm2", "0", "1", "--layers-gemma3", "1",
+        "--test-pairs", "16", "--batch-size", "8", "--subspace-dim", "4", "--layers-gemma3", "1",
+        "--lm-position", "item_last", "--lm-low", "1", "--lm-high", "20",
     ]
     assert cli_main(arguments) == 0
     report = json.loads((out / "report.json").read_text())
@@ -54,7 +55,7 @@ def test_pretrained_demo_writes_the_report_the_sweep_and_a_loadable_alignment(ti
         assert set(report[key]) == {"smollm2", "gemma3"} and all(set(row) == {"smollm2", "gemma3"} for row in report[key].values())
     assert set(report["ceiling"]) == {"smollm2", "gemma3"} and all(0 <= c <= 1 for c in report["ceiling"].values())
     sweep = report["layer_sweep"]
-    assert sweep["layers"] == {"smollm2": [0, 1], "gemma3": [1]}
+    assert sweep["layers"] == {"smollm2": [0, 1], "gemma3": [1]}  # smollm2's from DemoModel.sweep_layers
     assert set(sweep["mas"]) == {"0,1", "1,1"} and set(sweep["das"]["smollm2"]) == {"0", "1"}
     best = sweep["best"]
     assert report["sites"] == {"smollm2": f"blocks.{best['smollm2']}.hook_resid_post", "gemma3": f"model.layers.{best['gemma3']}.output"}

@@ -138,8 +138,14 @@ def write_results(out: Path, document: dict, alignment: ModelAlignment, report: 
 
 # Settings of the pretrained-LM demo where they differ from the numeric demo's defaults.
 PRETRAINED_PAIR = "pretrained-lm"
-PRETRAINED_DEFAULTS = {"steps": 150, "train_pairs": 1024, "valid_pairs": 64, "test_pairs": 256, "batch_size": 16, "eval_every": 25, "subspace_dim": 8}
-NUMERIC_DEFAULTS = {"steps": 1000, "train_pairs": 10000, "valid_pairs": 500, "test_pairs": 2000, "batch_size": 128, "eval_every": 50, "subspace_dim": 16}
+PRETRAINED_DEFAULTS = {
+    "steps": 80, "train_pairs": 512, "valid_pairs": 48, "test_pairs": 160, "batch_size": 16, "eval_every": 20,
+    "subspace_dim": 16, "lr": 1e-2,
+}
+NUMERIC_DEFAULTS = {
+    "steps": 1000, "train_pairs": 10000, "valid_pairs": 500, "test_pairs": 2000, "batch_size": 128, "eval_every": 50,
+    "subspace_dim": 16, "lr": 5e-3,
+}
 
 
 def apply_pair_defaults(args: argparse.Namespace) -> None:
@@ -170,20 +176,21 @@ def main(argv: list[str] | None = None) -> int:
         "--pair", default="gru-gru", choices=[*sorted(DEMO_PAIRS), PRETRAINED_PAIR],
         help="which two models to align: two GRU seeds, a GRU and a transformer, or SmolLM2-135M and Gemma-3-270M",
     )
-    demo.add_argument("--sweep-steps", type=positive_int, default=40, help="pretrained-lm: steps of each layer-sweep fit")
+    demo.add_argument("--sweep-steps", type=positive_int, default=30, help="pretrained-lm: steps of each layer-sweep fit")
     demo.add_argument("--layers-smollm2", type=int, nargs="+", default=None, help="pretrained-lm: SmolLM2 layers to sweep")
     demo.add_argument("--layers-gemma3", type=int, nargs="+", default=None, help="pretrained-lm: Gemma-3 layers to sweep")
-    demo.add_argument("--lm-low", type=positive_int, default=1, help="pretrained-lm: smallest number in the counting runs")
-    demo.add_argument("--lm-high", type=positive_int, default=20, help="pretrained-lm: largest number in the counting runs")
+    demo.add_argument("--lm-low", type=positive_int, default=10, help="pretrained-lm: smallest number in the counting runs")
+    demo.add_argument("--lm-high", type=positive_int, default=98, help="pretrained-lm: largest number in the counting runs")
     demo.add_argument(
-        "--lm-position", nargs="+", default=["item_last"], choices=["item_last", "item_first", "separator"],
-        help="pretrained-lm: the token(s) intervened on in each tokenisation, one slot each (masalign.lm_tasks anchors): "
-        "the last number's last digit (default), its first digit, or the comma after it",
+        "--lm-position", nargs="+", default=["answer"], choices=["answer", "item_last", "item_first", "separator"],
+        help="pretrained-lm: the token(s) intervened on in each tokenisation (masalign.lm_tasks anchors): every "
+        "position that predicts an answer token (default; answers of one length, e.g. 10..98), the last number's last "
+        "digit, its first digit, or the comma after it",
     )
     demo.add_argument("--transformer-site", default=DEMO_SITES["transformer"], help="the transformer's site for --pair gru-transformer")
-    demo.add_argument("--subspace-dim", type=positive_int, default=None, help="k (default 16; 8 for pretrained-lm)")
-    demo.add_argument("--steps", type=positive_int, default=None, help="most training steps, early stopping may end sooner (default 1000; 150 for pretrained-lm)")
-    demo.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (the reference uses 1e-3 with more steps)")
+    demo.add_argument("--subspace-dim", type=positive_int, default=None, help="k (default 16)")
+    demo.add_argument("--steps", type=positive_int, default=None, help="most training steps, early stopping may end sooner (default 1000; 80 for pretrained-lm)")
+    demo.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 5e-3; 1e-2 for pretrained-lm; the reference uses 1e-3 with more steps)")
     demo.add_argument("--batch-size", type=positive_int, default=None, help="default 128 (smaller for pretrained-lm)")
     demo.add_argument("--eval-every", type=positive_int, default=None, help="default 50 (smaller for pretrained-lm)")
     demo.add_argument("--train-pairs", type=positive_int, default=None, help="default 10000 (smaller for pretrained-lm)")

@@ -277,6 +277,7 @@ def evaluate(
     other evaluations on the same pairs.
     """
     directions = check_directions(alignment, directions)
+    check_views(test)
     memo = ActivationMemo() if memo is None else memo
     test_data = {variable_of(test): test}
     sources = sorted({s for s, _ in directions})

@@ -170,13 +170,21 @@ class ModelAlignment(nn.Module):
         check_finite(hidden, f"activations of model {model!r} at {site!r}")
         return hidden
 
-    def fit_standardization(self, data: CounterfactualData, max_pairs: int = 4096) -> None:
-        """Set each model's ``mean`` and ``std`` from its activations at the source positions."""
+    def fit_standardization(self, data: CounterfactualData, max_pairs: int = 4096, memo: ActivationMemo | None = None) -> None:
+        """Set each model's ``mean`` and ``std`` from its activations at the source positions.
+
+        Models of one family can differ in scale by orders of magnitude (Gemma-3's
+        residual stream is ~40x SmolLM2's): without this, one model's coordinates
+        written into the other are far outside what it reads there.
+        """
         check_views(data)
         for name in self.models:
             view = view_for(data, name)
             n = min(len(view), max_pairs)
-            hidden = self.source_activations(name, index_inputs(view.source_inputs, torch.arange(n)), view.source_positions[:n])
+            if n == len(view):  # the dataset's own tensors, so that a memo finds the fit's read
+                hidden = self.source_activations(name, view.source_inputs, view.source_positions, memo=memo)
+            else:
+                hidden = self.source_activations(name, index_inputs(view.source_inputs, torch.arange(n)), view.source_positions[:n])
             flat = hidden.reshape(-1, hidden.shape[-1])
             self.alignments[name].fit_standardization(flat)
 

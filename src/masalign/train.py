@@ -442,7 +442,8 @@ def _latent_diagnostics(alignment: ModelAlignment, latent: _PreparedLatents) -> 
 
 
 def _progress_bar(total: int, enabled: bool) -> tqdm:
-    # Outside a terminal (a log file, CI) every refresh is a new line: refresh rarely there.
+    # Outside a terminal (a log file, CI, a notebook without ipywidgets, where tqdm.auto
+    # falls back to text) every refresh is a new line: refresh rarely there.
     interactive = sys.stderr.isatty()
     return tqdm(total=total, disable=not enabled, desc="MAS fit", leave=False, mininterval=0.1 if interactive else 10.0)
 
@@ -515,7 +516,7 @@ def fit(
     if latent_objective is not None and distributed.world_size() > 1:
         raise NotImplementedError("the CL loss (latent_objective) is not supported in a distributed fit; run it in one process")
     if standardize:
-        alignment.fit_standardization(next(iter(train_data.values())))
+        alignment.fit_standardization(next(iter(train_data.values())), memo=memo)
     distributed.broadcast_state(alignment.alignments)  # under torchrun: every process starts from rank 0's state
     start_time = time.perf_counter()
 
@@ -542,7 +543,8 @@ def fit(
             loss, accuracy = _validate(alignment, valid_data, valid_cache, directions, at_step, valid_prefix)
             history.append({"step": at_step, "valid_loss": loss, "valid_accuracy": accuracy})
             values = [v for matrix in accuracy.values() for row in matrix.values() for v in row.values()]
-            bar.set_postfix(valid_loss=f"{loss:.3f}", valid_iia=f"{sum(values) / len(values):.3f}")
+            # refresh=False: the bar redraws at its own pace (mininterval), not at every call.
+            bar.set_postfix(valid_loss=f"{loss:.3f}", valid_iia=f"{sum(values) / len(values):.3f}", refresh=False)
             return stopping.update(at_step, loss, accuracy)
 
         try:
@@ -553,7 +555,7 @@ def fit(
                     alignment, optimizer, train_data, train_cache, directions, sampler.next(), latent, step, train_prefix
                 )
                 bar.update(1)
-                bar.set_description(f"MAS fit (loss {step_loss:.3f})")
+                bar.set_description(f"MAS fit (loss {step_loss:.3f})", refresh=False)
                 if step % eval_every == 0 or step == steps:
                     reason = validate(step)
             stop_reason = reason or "max_steps"
