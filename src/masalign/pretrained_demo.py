@@ -201,7 +201,7 @@ def plot_layer_sweep(document: dict[str, Any], path: Any) -> Any:
         ax.set_xlabel(f"{b} layer")
         ax.set_ylabel(f"{a} layer")
         ax.set_title(f"MAS IIA {source}->{target}\n(ceiling {document['ceiling'][target]:.2f})", fontsize=9)
-    figure.colorbar(image, ax=axes[:2], fraction=0.03)
+    figure.colorbar(image, ax=axes[1], fraction=0.046)
     for name, marker in ((a, "o"), (b, "s")):
         layers = sorted(int(layer) for layer in sweep["das"][name])
         depth = {"smollm2": DEMO_LMS["smollm2"].n_layers, "gemma3": DEMO_LMS["gemma3"].n_layers}.get(name, max(layers) + 1)
