@@ -1,6 +1,12 @@
 """Timings and agreement of masalign.similarity against peer packages.
 
-Run:  PYTHONPATH=src python benchmarks/bench_similarity.py [--quick]
+Run:  PYTHONPATH=src python benchmarks/bench_similarity.py [--quick] [--threads 1 2] [--json PATH]
+
+With ``--threads``, each thread count runs in its own process with
+OMP_NUM_THREADS, OPENBLAS_NUM_THREADS and MKL_NUM_THREADS set to it (so numpy's and
+scipy's BLAS, used by the peers and by our CPU paths, get the same number of threads
+as torch), and a side-by-side summary of the headline rows follows the tables.
+``--json PATH`` writes every row, the machine facts and the thread counts.
 
 Peers, used only when they import: rsatoolbox (RDMs, RDM comparison, Bures
 similarity of RDM kernels) and the DSA authors' package ``dsa-metric`` (import
@@ -14,9 +20,13 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
+import json
 import math
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -278,21 +288,102 @@ PEER_NAMES = {
 }
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+SUMMARY_ROWS = (
+    "linear CKA",
+    "RSA 1-Pearson RDM, spearman",
+    "DSA angular: different systems",
+    "DSA angular: same system, rotated",
+    "align_operators, same A, B",
+)
+
+
+def machine_facts() -> dict[str, Any]:
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": model,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "rsatoolbox": installed_version("rsatoolbox", rsatoolbox),
+        "dsa-metric": installed_version("dsa-metric", dsa_package),
+        "torch_threads": torch.get_num_threads(),
+        "thread_variables": {name: os.environ.get(name) for name in THREAD_VARIABLES},
+    }
+
+
+def rows_as_dicts() -> list[dict[str, Any]]:
+    keys = ("measure", "data", "ours_s", "peer_s", "ours_value", "peer_value")
+    rows = [dict(zip(keys, row, strict=True)) for row in ROWS]
+    for row in rows:
+        row["ours_over_peer"] = None if row["peer_s"] is None else row["ours_s"] / row["peer_s"]
+        row["peer"] = PEER_NAMES.get(row["measure"], "")
+    return rows
+
+
+def run_thread_counts(thread_counts: list[int], quick: bool, json_path: str | None) -> None:
+    """Each thread count in a fresh process (BLAS thread counts are fixed at load time)."""
+    results = []
+    for threads in thread_counts:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+            child_json = handle.name
+        command = [sys.executable, __file__, "--threads", str(threads), "--child", "--json", child_json]
+        if quick:
+            command.append("--quick")
+        environment = dict(os.environ, **{name: str(threads) for name in THREAD_VARIABLES})
+        print(f"=== {threads} thread(s) ===", flush=True)
+        subprocess.run(command, check=True, env=environment)
+        with open(child_json) as handle:
+            results.append(json.load(handle))
+        os.unlink(child_json)
+        print(flush=True)
+    print("Side by side (ours/peer < 1: ours is faster; peer/ours = speed-up):")
+    header = f"{'measure':<38}" + "".join(f" {f'{t} thr ours/peer':>16} {'peer/ours':>9}" for t in thread_counts)
+    print(header)
+    print("-" * len(header))
+    for measure in SUMMARY_ROWS:
+        cells = []
+        for result in results:
+            row = next((r for r in result["rows"] if r["measure"] == measure), None)
+            ratio = None if row is None else row["ours_over_peer"]
+            cells.append(f" {'-':>16} {'-':>9}" if ratio is None else f" {ratio:>16.3g} {1 / ratio:>9.3g}")
+        print(f"{measure:<38}" + "".join(cells))
+    if json_path is not None:
+        with open(json_path, "w") as handle:
+            json.dump({"thread_counts": thread_counts, "runs": results}, handle, indent=1)
+        print(f"wrote {json_path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller data, one repeat (a smoke test)")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads for ours and the peers (default: torch's)"
+        "--threads", type=int, nargs="+", default=None,
+        help="thread counts for ours and the peers, each run in its own process (e.g. 1 2)",
     )
+    parser.add_argument("--json", default=None, help="write the rows, machine facts and thread counts here")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None and not args.child:
+        run_thread_counts(args.threads, args.quick, args.json)
+        return
     if args.threads is not None:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads[0])
     repeats = 1 if args.quick else 3
     n_large, n_rsa, width = (2000, 500, 128) if args.quick else (10_000, 2000, 512)
     rank, n_delays = (20, 5) if args.quick else (100, 20)
 
     print(f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
           f"scipy {scipy.__version__}, torch threads {torch.get_num_threads()}")
+    print(f"cpu: {machine_facts()['cpu']} ({os.cpu_count()} cores); BLAS thread variables: "
+          f"{ {name: os.environ.get(name) for name in THREAD_VARIABLES} }")
     print(f"rsatoolbox: {installed_version('rsatoolbox', rsatoolbox)}; "
           f"dsa-metric (import DSA): {installed_version('dsa-metric', dsa_package)}")
 
@@ -303,6 +394,9 @@ def main() -> None:
     bench_dsa(rank, n_delays, repeats)
     print()
     print_table(PEER_NAMES)
+    if args.json is not None:
+        with open(args.json, "w") as handle:
+            json.dump({"machine": machine_facts(), "quick": args.quick, "rows": rows_as_dicts()}, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -612,3 +612,71 @@ def test_clear_errors():
         sim.DSA(score_method="cosine")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="same size"):
         sim.align_operators(np.eye(3), np.eye(4))
+
+
+# --------------------------------------------------------------------------- #
+# Fast paths (CPU numpy routes, large-operator search) equal the plain formulas
+# --------------------------------------------------------------------------- #
+
+
+def test_integer_key_ranks_match_scipy_rankdata():
+    from masalign.similarity.rsa import _average_ranks_numpy
+
+    rng = np.random.default_rng(24)
+    cases = [
+        rng.standard_normal(5000),
+        rng.integers(-3, 4, 3000).astype(float),  # many ties, negatives
+        1.0 + 1e-12 * rng.standard_normal(4000),  # values that agree in their leading bits
+        np.array([0.0, -0.0, 1e-300, -1e-300, 2.0, 2.0, -5.0]),
+        np.array([3.0]),
+    ]
+    for values in cases:
+        np.testing.assert_array_equal(_average_ranks_numpy(values), scipy.stats.rankdata(values))
+
+
+@pytest.mark.parametrize(
+    "n, d_x, d_y, offset",
+    [(300, 20, 30, 0.0), (300, 20, 30, 10.0), (40, 7, 5, 1e4), (30, 40, 25, 3.0)],  # raw, raw, centred, n x n
+)
+def test_linear_cka_fast_path_equals_plain_formula(n, d_x, d_y, offset):
+    rng = np.random.default_rng(25)
+    X, Y = random_pair(rng, n=n, d_x=d_x, d_y=d_y)
+    X, Y = X + offset, Y - offset
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+    plain = np.linalg.norm(Xc.T @ Yc) ** 2 / (np.linalg.norm(Xc.T @ Xc) * np.linalg.norm(Yc.T @ Yc))
+    assert sim.linear_cka(X, Y) == pytest.approx(plain, abs=1e-10)
+    # Tensors take the same route (zero-copy numpy views) and agree.
+    assert sim.linear_cka(torch.tensor(X), torch.tensor(Y)) == pytest.approx(plain, abs=1e-10)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rsa_condensed_path_equals_full_rdms(threads):
+    rng = np.random.default_rng(26)
+    X, Y = random_pair(rng, n=460, d_x=12, d_y=9)  # 105,570 pairs: the threaded ranking runs at 2 threads
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for metric in ("correlation", "cosine", "euclidean", "sqeuclidean"):
+            u = scipy.spatial.distance.pdist(X, metric)
+            v = scipy.spatial.distance.pdist(Y, metric)
+            assert sim.rsa(X, Y, metric=metric) == pytest.approx(scipy.stats.spearmanr(u, v).statistic, abs=1e-10)
+            full = sim.compare_rdms(sim.rdm(X, metric), sim.rdm(Y, metric), "pearson")
+            assert sim.rsa(X, Y, metric=metric, comparison="pearson") == pytest.approx(full, abs=1e-10)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_align_operators_large_operator_path():
+    # r >= 16: float32 search with successive halving, then float64 polish.
+    rng = np.random.default_rng(27)
+    A = rng.standard_normal((20, 20))
+    Q = random_orthogonal(rng, 20, det=-1.0)
+    alignment = sim.align_operators(A, Q @ A @ Q.T, iters=100)
+    assert alignment.orthogonal.dtype == torch.float64
+    assert alignment.euclidean < 1e-6 * np.linalg.norm(A)
+    perturbation = 0.05 * rng.standard_normal((20, 20))
+    near = sim.align_operators(A, Q @ (A + perturbation) @ Q.T, iters=200)
+    assert near.euclidean <= np.linalg.norm(perturbation) + 1e-9
+    symmetric_a, symmetric_b = A + A.T, perturbation + perturbation.T
+    closed_form = np.linalg.norm(np.sort(np.linalg.eigvalsh(symmetric_a)) - np.sort(np.linalg.eigvalsh(symmetric_b)))
+    assert sim.align_operators(symmetric_a, symmetric_b, iters=50).euclidean == pytest.approx(closed_form, abs=1e-8)

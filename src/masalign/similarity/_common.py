@@ -120,3 +120,22 @@ def _squared_distances(X: Tensor) -> Tensor:
 def _upper_triangle(matrix: Tensor) -> Tensor:
     rows, cols = torch.triu_indices(matrix.shape[0], matrix.shape[1], offset=1, device=matrix.device)
     return matrix[rows, cols]
+
+
+def _numpy_view(X: Tensor) -> np.ndarray | None:
+    """A zero-copy numpy view of a CPU float32/float64 tensor, else None.
+
+    On CPU the dense products go through numpy's BLAS: numpy multiplies A^T A and
+    A A^T with a symmetric rank-k update (half the flops of a general product),
+    which torch's matmul does not, and on AMD CPUs its OpenBLAS is also faster
+    than torch's MKL. Other devices and dtypes stay in torch.
+    """
+    if X.device.type != "cpu" or X.dtype not in (torch.float32, torch.float64) or X.requires_grad:
+        return None
+    return X.numpy()
+
+
+def _upper_triangle_numpy(matrix: np.ndarray) -> np.ndarray:
+    """Entries above the diagonal, row by row (scipy's condensed order)."""
+    size = matrix.shape[0]
+    return matrix[np.triu(np.ones((size, size), dtype=bool), k=1)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -11,6 +12,7 @@ from ._common import (
     ArrayLike,
     _as_sample_matrices,
     _centre_columns,
+    _numpy_view,
     _reduce_width,
     _squared_distances,
     _upper_triangle,
@@ -54,6 +56,59 @@ def _linear_unbiased_hsic(X: Tensor, Y: Tensor) -> Tensor:
     )
 
 
+def _frobenius_sq(matrix: np.ndarray) -> float:
+    flat = matrix.reshape(-1)
+    return float(flat @ flat)
+
+
+def _centred_feature_gram(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centred Gram X_c^T X_c, the column means and the raw Gram X^T X.
+
+    The centred Gram is X^T X - n m m^T (no centred copy of X is made); this
+    subtracts n m m^T from X^T X, which loses about eps * tr(X^T X) / tr(X_c^T X_c)
+    relative accuracy, so callers check that ratio (:func:`_raw_gram_is_exact`).
+    """
+    means = X.mean(axis=0)
+    raw = X.T @ X  # numpy uses a symmetric rank-k update here
+    return raw - X.shape[0] * np.outer(means, means), means, raw
+
+
+def _raw_gram_is_exact(raw: np.ndarray, centred: np.ndarray) -> bool:
+    """True when forming X_c^T X_c as X^T X - n m m^T costs < ~1e-12 relative accuracy."""
+    trace_raw, trace_centred = float(np.trace(raw)), float(np.trace(centred))
+    if trace_centred <= 0.0:
+        return False
+    return trace_raw / trace_centred <= 1e-12 / float(np.finfo(raw.dtype).eps)
+
+
+def _linear_cka_terms_numpy(X: np.ndarray, Y: np.ndarray) -> tuple[float, float, float]:
+    """||X_c^T Y_c||_F^2, ||X_c^T X_c||_F^2, ||Y_c^T Y_c||_F^2 with the cheaper Gram form.
+
+    Feature space (d x d products) costs about n (d_x + d_y)^2 multiply-adds with
+    symmetric updates for the self terms; sample space (n x n Gram matrices
+    K = X_c X_c^T, where ||X_c^T Y_c||_F^2 = <K, L>_F) costs about n^2 (d_x + d_y).
+    The smaller of the two is used; both are exact.
+    """
+    n, d_x = X.shape
+    d_y = Y.shape[1]
+    if n < d_x + d_y:
+        Xc = X - X.mean(axis=0)
+        Yc = Y - Y.mean(axis=0)
+        K = Xc @ Xc.T  # symmetric rank-k updates
+        L = Yc @ Yc.T
+        return float(K.reshape(-1) @ L.reshape(-1)), _frobenius_sq(K), _frobenius_sq(L)
+    gram_x, mean_x, raw_x = _centred_feature_gram(X)
+    gram_y, mean_y, raw_y = _centred_feature_gram(Y)
+    if _raw_gram_is_exact(raw_x, gram_x) and _raw_gram_is_exact(raw_y, gram_y):
+        cross = X.T @ Y - n * np.outer(mean_x, mean_y)
+    else:
+        # Large offsets: centre explicitly (one copy of each input).
+        Xc = X - mean_x
+        Yc = Y - mean_y
+        gram_x, gram_y, cross = Xc.T @ Xc, Yc.T @ Yc, Xc.T @ Yc
+    return _frobenius_sq(cross), _frobenius_sq(gram_x), _frobenius_sq(gram_y)
+
+
 def _cka_ratio(cross: Tensor, self_x: Tensor, self_y: Tensor, measure: str) -> float:
     for value, name in ((self_x, "X"), (self_y, "Y")):
         if float(value) <= 0.0:
@@ -70,8 +125,9 @@ def linear_cka(X: ArrayLike, Y: ArrayLike, *, debiased: bool = False) -> float:
     On column-centred X (N, d_x) and Y (N, d_y):
         CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)
             = HSIC(XX^T, YY^T) / sqrt(HSIC(XX^T, XX^T) HSIC(YY^T, YY^T)),
-    computed in feature space (no N x N Gram matrix; wide inputs with d > N are
-    first rotated onto N columns, which leaves every term unchanged).
+    computed with whichever Gram form is cheaper for the shape: the d x d form
+    above when N >= d_x + d_y, else the N x N Gram matrices (both exact). On CPU
+    the products use numpy's BLAS (symmetric rank-k updates for the self terms).
 
     Args:
         X, Y: paired activations, N >= 2 (N >= 4 when debiased).
@@ -87,6 +143,12 @@ def linear_cka(X: ArrayLike, Y: ArrayLike, *, debiased: bool = False) -> float:
     """
     n_needed = 4 if debiased else 2
     X, Y = _as_sample_matrices([X, Y], ["X", "Y"], measure="linear_cka", min_samples=n_needed)
+    X_np, Y_np = _numpy_view(X), _numpy_view(Y)
+    if not debiased and X_np is not None and Y_np is not None:
+        cross_np, self_x_np, self_y_np = _linear_cka_terms_numpy(X_np, Y_np)
+        return _cka_ratio(
+            *(torch.tensor(v, dtype=torch.float64) for v in (cross_np, self_x_np, self_y_np)), "linear_cka"
+        )
     Xc = _reduce_width(_centre_columns(X))
     Yc = _reduce_width(_centre_columns(Y))
     if debiased:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
+import scipy.linalg
 import scipy.optimize
 import scipy.sparse
 import torch
@@ -248,6 +249,38 @@ def _eigenbasis_starts(a: Tensor, b: Tensor) -> Tensor:
     return torch.cat(starts, dim=0)
 
 
+# align_operators on large operators (r >= _LARGE_OPERATOR, float64): float32 search,
+# successive halving to _KEEP_STARTS starts after _PRUNE_FRACTION of the steps, and
+# the last _POLISH_FRACTION of the steps in float64.
+_LARGE_OPERATOR = 16
+_KEEP_STARTS = 4
+_PRUNE_FRACTION = 0.3
+_POLISH_FRACTION = 0.1
+
+
+def _cayley_update(C: Tensor, half_step: Tensor, identity: Tensor) -> Tensor:
+    """C (I - W)^{-1} (I + W) for skew W (batched), exactly orthogonal for orthogonal C.
+
+    Written as 2 Z - C with Z = C (I - W)^{-1}, i.e. (I + W) Z^T = C^T (as
+    (I - W)^T = I + W): one solve and no product. On CPU each system goes to
+    LAPACK's gesv directly (F-ordered views, no copies), 2-4x faster than torch's
+    or numpy's batched solve for these small systems.
+    """
+    if C.device.type != "cpu":
+        solved = torch.linalg.solve(identity + half_step, C.transpose(-1, -2))
+        return 2.0 * solved.transpose(-1, -2) - C
+    minus = (identity - half_step).numpy()  # row-major I - W: its transpose view is I + W
+    current = C.numpy()
+    (gesv,) = scipy.linalg.get_lapack_funcs(("gesv",), (current,))
+    updated = np.empty_like(current)
+    for index in range(current.shape[0]):
+        _, _, z_transposed, info = gesv(minus[index].T, current[index].T, overwrite_a=True)
+        if info != 0:  # I + W with W skew is never singular
+            raise RuntimeError(f"align_operators: Cayley solve failed (LAPACK info {info})")
+        np.subtract(2.0 * z_transposed.T, current[index], out=updated[index])
+    return torch.from_numpy(updated)
+
+
 def align_operators(
     A: ArrayLike,
     B: ArrayLike,
@@ -310,23 +343,53 @@ def align_operators(
         starts.append(_random_orthogonal(size, n_restarts, generator, dtype).to(device))
     C = torch.cat(starts, dim=0)
 
+    # Large operators: search in float32 (half the cost of every product), keep the
+    # best _KEEP_STARTS starts after _PRUNE_FRACTION of the steps and continue them
+    # from where they are, and run the last _POLISH_FRACTION of the steps in the
+    # input's dtype, so the optimum is as precise as a search in that dtype.
+    large = size >= _LARGE_OPERATOR and dtype == torch.float64
+    prune_step = max(1, math.ceil(_PRUNE_FRACTION * iters)) if large and C.shape[0] > _KEEP_STARTS else None
+    polish_step = iters + 1 - max(1, math.ceil(_POLISH_FRACTION * iters)) if large else 1
+    work_dtype = torch.float32 if large else dtype
+    a_work, b_work, identity_work = a.to(work_dtype), b.to(work_dtype), identity.to(work_dtype)
+    # The starts, scored in the input's dtype: the eigenbasis starts are exact for
+    # conjugate operators, which a float32 search would round.
+    start_inner = ((C.transpose(-1, -2) @ a @ C) * b).sum(dim=(-2, -1))
+    best_start = int(torch.argmax(start_inner))
+    best_start_C, best_start_inner = C[best_start], start_inner[best_start]
+    C = C.to(work_dtype)
+
     first_moment = torch.zeros_like(C)
     second_moment = torch.zeros_like(C)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     # Adam keeps stepping near an optimum, so keep each start's best iterate.
     best_C = C.clone()
-    best_inner = torch.full((C.shape[0],), -math.inf, dtype=dtype, device=device)
+    best_inner = torch.full((C.shape[0],), -math.inf, dtype=work_dtype, device=device)
     for step in range(1, iters + 2):
+        if step == polish_step and work_dtype != dtype:
+            # Back to the input's dtype: re-orthonormalise (polar factor) and re-score the bests.
+            u, _, vh = torch.linalg.svd(C.to(dtype))
+            C = u @ vh
+            u, _, vh = torch.linalg.svd(best_C.to(dtype))
+            best_C = u @ vh
+            best_inner = ((best_C.transpose(-1, -2) @ a @ best_C) * b).sum(dim=(-2, -1))
+            first_moment, second_moment = first_moment.to(dtype), second_moment.to(dtype)
+            work_dtype, a_work, b_work, identity_work = dtype, a, b, identity
         # f(C) = <a, C b C^T> = <C^T a C, b>; its Riemannian gradient at C, written in
         # the Lie algebra (C Omega), is Omega = skew(a_C b^T + a_C^T b), a_C = C^T a C.
-        a_in_frame = C.transpose(-1, -2) @ a @ C
-        inner = (a_in_frame * b).sum(dim=(-2, -1))
+        a_in_frame = C.transpose(-1, -2) @ a_work @ C
+        inner = (a_in_frame * b_work).sum(dim=(-2, -1))
         improved = inner > best_inner
         best_inner = torch.where(improved, inner, best_inner)
         best_C = torch.where(improved[:, None, None], C, best_C)
         if step == iters + 1:
             break
-        euclidean_part = a_in_frame @ b.T + a_in_frame.transpose(-1, -2) @ b
+        if step == prune_step:
+            # Successive halving: continue the leading starts from their current state.
+            keep = torch.argsort(inner, descending=True)[:_KEEP_STARTS]
+            C, a_in_frame, best_C, best_inner = C[keep], a_in_frame[keep], best_C[keep], best_inner[keep]
+            first_moment, second_moment = first_moment[keep], second_moment[keep]
+        euclidean_part = a_in_frame @ b_work.T + a_in_frame.transpose(-1, -2) @ b_work
         omega = (euclidean_part - euclidean_part.transpose(-1, -2)) / 2
         first_moment = beta1 * first_moment + (1 - beta1) * omega
         second_moment = beta2 * second_moment + (1 - beta2) * omega.square()
@@ -336,12 +399,14 @@ def align_operators(
         )
         step_size = 0.5 * lr * (1 + math.cos(math.pi * (step - 1) / iters))
         half_step = 0.5 * step_size * direction
-        # Cayley retraction (ascent): C <- C (I - W/2)^{-1} (I + W/2), exactly orthogonal.
-        C = C @ torch.linalg.solve(identity - half_step, identity + half_step)
+        C = _cayley_update(C, half_step, identity_work)
 
     best = int(torch.argmax(best_inner))
+    found = best_C[best].to(dtype)
+    if bool(best_start_inner > ((found.T @ a @ found) * b).sum()):
+        found = best_start_C
     # One polar step removes rounding drift accumulated over the Cayley updates.
-    u, _, vh = torch.linalg.svd(best_C[best])
+    u, _, vh = torch.linalg.svd(found)
     orthogonal = u @ vh
     aligned_b = orthogonal @ B_t @ orthogonal.T
     cosine = float((A_t * aligned_b).sum() / (norm_a * norm_b))

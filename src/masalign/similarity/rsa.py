@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, get_args
 
 import numpy as np
@@ -9,7 +10,15 @@ import scipy.stats
 import torch
 from torch import Tensor
 
-from ._common import ArrayLike, _as_sample_matrices, _check_choice, _squared_distances, _upper_triangle
+from ._common import (
+    ArrayLike,
+    _as_sample_matrices,
+    _check_choice,
+    _numpy_view,
+    _squared_distances,
+    _upper_triangle,
+    _upper_triangle_numpy,
+)
 
 RDMMetric = Literal["correlation", "cosine", "euclidean", "sqeuclidean"]
 RDMComparison = Literal["spearman", "pearson", "kendall", "cosine"]
@@ -38,15 +47,7 @@ def rdm(X: ArrayLike, metric: RDMMetric = "correlation") -> Tensor:
     _check_choice(metric, RDM_METRICS, "RDM metric")
     (X,) = _as_sample_matrices([X], ["X"], measure="rdm", min_samples=2)
     if metric in ("correlation", "cosine"):
-        rows = X - X.mean(dim=1, keepdim=True) if metric == "correlation" else X
-        norms = torch.linalg.vector_norm(rows, dim=1)
-        degenerate = int((norms == 0).sum())
-        if degenerate:
-            kind = "constant" if metric == "correlation" else "all-zero"
-            raise ValueError(
-                f"rdm(metric={metric!r}) is undefined for {kind} rows; X has {degenerate} such rows"
-            )
-        unit_rows = rows / norms[:, None]
+        unit_rows = _unit_rows(X, metric)
         dissimilarity = 1.0 - unit_rows @ unit_rows.T
         dissimilarity = 0.5 * (dissimilarity + dissimilarity.T)
         dissimilarity.fill_diagonal_(0.0)
@@ -54,6 +55,125 @@ def rdm(X: ArrayLike, metric: RDMMetric = "correlation") -> Tensor:
     if metric == "sqeuclidean":
         return _squared_distances(X)
     return _squared_distances(X).sqrt()  # "euclidean"
+
+
+def _unit_rows(X: Tensor | np.ndarray, metric: str) -> Tensor | np.ndarray:
+    """Rows centred (correlation) and scaled to unit norm; raises on degenerate rows."""
+    if isinstance(X, np.ndarray):
+        rows = X - X.mean(axis=1, keepdims=True) if metric == "correlation" else X
+        norms = np.linalg.norm(rows, axis=1)
+        degenerate = int((norms == 0).sum())
+    else:
+        rows = X - X.mean(dim=1, keepdim=True) if metric == "correlation" else X
+        norms = torch.linalg.vector_norm(rows, dim=1)
+        degenerate = int((norms == 0).sum())
+    if degenerate:
+        kind = "constant" if metric == "correlation" else "all-zero"
+        raise ValueError(
+            f"rdm(metric={metric!r}) is undefined for {kind} rows; X has {degenerate} such rows"
+        )
+    return rows / norms[:, None]
+
+
+def _condensed_rdm_numpy(X: np.ndarray, metric: str) -> np.ndarray:
+    """The upper triangle of rdm(X, metric) (row by row), on CPU through numpy's BLAS.
+
+    U U^T and S S^T are symmetric rank-k updates (half a general product), and only
+    the upper triangle is kept; the values equal those of :func:`rdm`.
+    """
+    if metric in ("correlation", "cosine"):
+        unit_rows = _unit_rows(X, metric)
+        similarity = _upper_triangle_numpy(unit_rows @ unit_rows.T)
+        return np.subtract(1.0, similarity, out=similarity)
+    shifted = X - X[:1]
+    gram = shifted @ shifted.T
+    row_norms = gram.diagonal().copy()
+    squared = row_norms[:, None] + row_norms[None, :]
+    squared -= 2.0 * gram
+    condensed = _upper_triangle_numpy(squared)
+    np.maximum(condensed, 0.0, out=condensed)
+    if metric == "euclidean":
+        np.sqrt(condensed, out=condensed)
+    return condensed
+
+
+def _average_ranks_numpy(values: np.ndarray) -> np.ndarray:
+    """Average ranks (scipy.stats.rankdata 'average') with one integer sort.
+
+    Each float64 value is mapped to an order-preserving int64 key; its low bits are
+    replaced by the element's index, so one sort of int64 keys (numpy's vectorised
+    quicksort, much faster than an argsort) yields the order. Elements whose keys
+    agree after truncation are then put in order by their full values, and tied
+    values get the mean of their ranks.
+    """
+    count = values.size
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    index_bits = max(1, (count - 1).bit_length())
+    low_mask = np.int64((1 << index_bits) - 1)
+    keys = (values + 0.0).view(np.int64)  # + 0.0 turns -0.0 into +0.0
+    keys ^= (keys >> 63) & np.int64(0x7FFFFFFFFFFFFFFF)  # negatives: reverse their order
+    keys &= ~low_mask
+    keys |= np.arange(count, dtype=np.int64)
+    keys.sort()
+    order = keys & low_mask
+    truncated = keys >> index_bits
+    same_truncated = truncated[1:] == truncated[:-1]
+    rank_at_position = np.arange(1, count + 1, dtype=np.float64)
+    if same_truncated.any():
+        in_group = np.zeros(count, dtype=bool)
+        in_group[:-1] |= same_truncated
+        in_group[1:] |= same_truncated
+        positions = np.flatnonzero(in_group)
+        group_order = order[positions]
+        group_values = values[group_order]
+        resort = np.lexsort((group_values, truncated[positions]))
+        order[positions] = group_order[resort]
+        group_values = group_values[resort]
+        # Ties have equal truncated keys, so they lie in one group, at consecutive positions.
+        tied = (group_values[1:] == group_values[:-1]) & (positions[1:] == positions[:-1] + 1)
+        if tied.any():
+            run_start = np.concatenate(([True], ~tied))
+            run_id = np.cumsum(run_start) - 1
+            first = positions[run_start]
+            last = positions[np.concatenate((run_start[1:], [True]))]
+            rank_at_position[positions] = ((first + last) / 2.0 + 1.0)[run_id]
+    ranks = np.empty(count, dtype=np.float64)
+    ranks[order] = rank_at_position
+    return ranks
+
+
+def _pearson_numpy(u: np.ndarray, v: np.ndarray) -> float:
+    u = u - u.mean()
+    v = v - v.mean()
+    norm_u, norm_v = float(np.linalg.norm(u)), float(np.linalg.norm(v))
+    if norm_u == 0.0 or norm_v == 0.0:
+        raise ValueError(
+            "correlation is undefined: one RDM has all off-diagonal dissimilarities equal"
+        )
+    return float(u @ v) / (norm_u * norm_v)
+
+
+def _cosine_numpy(u: np.ndarray, v: np.ndarray) -> float:
+    norms = float(np.linalg.norm(u)) * float(np.linalg.norm(v))
+    if norms == 0.0:
+        raise ValueError("cosine is undefined for an all-zero dissimilarity vector")
+    return float(u @ v) / norms
+
+
+def _kendall(u_np: np.ndarray, v_np: np.ndarray) -> float:
+    if np.ptp(u_np) == 0 or np.ptp(v_np) == 0:
+        raise ValueError("Kendall tau is undefined: one RDM has all off-diagonal dissimilarities equal")
+    return float(scipy.stats.kendalltau(u_np, v_np).statistic)
+
+
+def _compare_condensed_numpy(u: np.ndarray, v: np.ndarray, method: str) -> float:
+    if method == "pearson":
+        return _pearson_numpy(u, v)
+    if method == "spearman":
+        return _pearson_numpy(_average_ranks_numpy(u), _average_ranks_numpy(v))
+    if method == "cosine":
+        return _cosine_numpy(u, v)
+    return _kendall(u, v)
 
 
 def _average_ranks(values: Tensor) -> Tensor:
@@ -111,6 +231,9 @@ def compare_rdms(rdm_x: ArrayLike, rdm_y: ArrayLike, method: RDMComparison = "sp
     for matrix, name in ((rdm_x, "rdm_x"), (rdm_y, "rdm_y")):
         if matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"compare_rdms: {name} must be square (N, N); got {tuple(matrix.shape)}")
+    x_np, y_np = _numpy_view(rdm_x), _numpy_view(rdm_y)
+    if x_np is not None and y_np is not None:
+        return _compare_condensed_numpy(_upper_triangle_numpy(x_np), _upper_triangle_numpy(y_np), method)
     u, v = _upper_triangle(rdm_x), _upper_triangle(rdm_y)
     if method == "pearson":
         return _pearson(u, v)
@@ -119,10 +242,7 @@ def compare_rdms(rdm_x: ArrayLike, rdm_y: ArrayLike, method: RDMComparison = "sp
     if method == "cosine":
         return _cosine(u, v)
     # Kendall tau-b: scipy's O(M log M) algorithm, on CPU.
-    u_np, v_np = u.cpu().numpy(), v.cpu().numpy()
-    if np.ptp(u_np) == 0 or np.ptp(v_np) == 0:
-        raise ValueError("Kendall tau is undefined: one RDM has all off-diagonal dissimilarities equal")
-    return float(scipy.stats.kendalltau(u_np, v_np).statistic)
+    return _kendall(u.cpu().numpy(), v.cpu().numpy())
 
 
 def rsa(
@@ -147,4 +267,14 @@ def rsa(
     _check_choice(metric, RDM_METRICS, "RDM metric")
     _check_choice(comparison, RDM_COMPARISONS, "RDM comparison")
     X, Y = _as_sample_matrices([X, Y], ["X", "Y"], measure="rsa", min_samples=3)
+    X_np, Y_np = _numpy_view(X), _numpy_view(Y)
+    if X_np is not None and Y_np is not None:
+        # CPU: only the upper triangles are kept (no N x N RDM is returned).
+        u, v = _condensed_rdm_numpy(X_np, metric), _condensed_rdm_numpy(Y_np, metric)
+        if comparison == "spearman" and u.size >= 100_000 and torch.get_num_threads() >= 2:
+            # The two rankings are independent and numpy's sort releases the GIL.
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                ranks_u, ranks_v = pool.map(_average_ranks_numpy, (u, v))
+            return _pearson_numpy(ranks_u, ranks_v)
+        return _compare_condensed_numpy(u, v, comparison)
     return compare_rdms(rdm(X, metric), rdm(Y, metric), comparison)
