@@ -27,7 +27,8 @@ Shapes, once for the whole library (samples are rows):
 - ``inputs``: a ``(batch, seq)`` tensor of token ids (or ``(batch, seq, features)``),
   or a mapping of such tensors (``{"input_ids": ..., "attention_mask": ...}``);
 - ``positions``: ``(batch, n_slots)`` long; slot ``j`` of example ``b`` is
-  intervened at sequence position ``positions[b, j]``;
+  intervened at sequence position ``positions[b, j]``, or nowhere where it is
+  ``EMPTY_SLOT`` (-1: rows with fewer slots than the batch's widest);
 - activations: ``(batch, n_slots, width)``;
 - logits: ``(batch, seq, vocab)``.
 
@@ -64,6 +65,10 @@ import torch
 from torch import Tensor, nn
 
 ModelInputs = Union[Tensor, Mapping[str, Tensor]]
+# A slot with no position (``positions[b, j] == EMPTY_SLOT``): nothing is read or
+# written there. Rows of one batch may then intervene at different numbers of
+# positions, e.g. the stepwise protocol's prefixes of different lengths.
+EMPTY_SLOT = -1
 Replacement = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
@@ -131,8 +136,9 @@ def check_positions(
     """Validate ``(batch, n_slots)`` positions against the sequence; returns them as long.
 
     Refused: a shape other than ``(batch, n_slots)``, non-integer dtypes, negative
-    positions, positions at or past the end of the sequence, and a position
-    repeated within one example (each slot needs its own row to write to).
+    positions other than :data:`EMPTY_SLOT`, positions at or past the end of the
+    sequence, and a position repeated within one example (each slot needs its own
+    row to write to).
 
     ``lengths`` ``(batch,)`` gives each example's true length when inputs are
     right-padded. ``attention_mask`` ``(batch, seq)`` (any padding side; other
@@ -153,9 +159,12 @@ def check_positions(
     positions = positions.long()
     if positions.numel() == 0:
         return positions
-    if int(positions.min()) < 0:
-        bad = (positions < 0).nonzero()[0].tolist()
-        raise IndexError(f"position {int(positions[bad[0], bad[1]])} of example {bad[0]} is negative; positions index the sequence from 0")
+    if int(positions.min()) < EMPTY_SLOT:
+        bad = (positions < EMPTY_SLOT).nonzero()[0].tolist()
+        raise IndexError(
+            f"position {int(positions[bad[0], bad[1]])} of example {bad[0]} is negative; positions index the sequence "
+            f"from 0 ({EMPTY_SLOT} marks an empty slot)"
+        )
     limit = lengths.to(positions.device)[:, None] if lengths is not None else torch.full_like(positions[:, :1], seq_len)
     outside = positions >= limit
     if bool(outside.any()):
@@ -166,13 +175,13 @@ def check_positions(
         )
     if positions.shape[1] > 1:
         ordered = positions.sort(dim=1).values
-        repeats = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+        repeats = ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != EMPTY_SLOT)).any(1)
         if bool(repeats.any()):
             b = int(repeats.nonzero()[0])
             raise ValueError(f"example {b} repeats a position in {positions[b].tolist()}; each slot needs its own position")
     if attention_mask is not None and attention_mask.dim() == 2:
         real = attention_mask.to(positions.device).bool()
-        on_padding = ~real.gather(1, positions)
+        on_padding = ~real.gather(1, positions.clamp(min=0)) & (positions != EMPTY_SLOT)
         if bool(on_padding.any()):
             b, j = on_padding.nonzero()[0].tolist()
             tokens_at = real[b].nonzero().flatten().tolist()
@@ -306,10 +315,11 @@ def probing(model: nn.Module) -> Iterator[None]:
 
 
 def row_index(activation: Tensor, positions: Tensor, site: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``(example_index, slot_index, flat_positions)``, each ``(batch * n_slots,)``, on the activation's device.
+    """``(example_index, slot_index, flat_positions)``, each ``(n_rows,)``, on the activation's device.
 
     Row ``r`` is slot ``slot_index[r]`` of example ``example_index[r]``, at sequence
-    position ``flat_positions[r]``; examples are major, as ``positions.reshape(-1)``.
+    position ``flat_positions[r]``; examples are major, as ``positions.reshape(-1)``,
+    and empty slots (:data:`EMPTY_SLOT`) have no row.
     """
     batch, n_slots = positions.shape
     if activation.dim() < 3 or activation.shape[0] != batch:
@@ -320,13 +330,25 @@ def row_index(activation: Tensor, positions: Tensor, site: str) -> tuple[Tensor,
     device = activation.device
     example_index = torch.arange(batch, device=device).repeat_interleave(n_slots)
     slot_index = torch.arange(n_slots, device=device).repeat(batch)
-    return example_index, slot_index, positions.to(device).reshape(-1)
+    flat_positions = positions.to(device).reshape(-1)
+    real = flat_positions != EMPTY_SLOT
+    if bool(real.all()):
+        return example_index, slot_index, flat_positions
+    return example_index[real], slot_index[real], flat_positions[real]
 
 
 def gather_rows(activation: Tensor, positions: Tensor, site: str) -> Tensor:
-    """``(batch, n_slots, width)`` rows of a ``(batch, seq, *features)`` activation; features flattened."""
-    example_index, _, flat_positions = row_index(activation, positions, site)
-    return activation[example_index, flat_positions].reshape(positions.shape[0], positions.shape[1], -1)
+    """``(batch, n_slots, width)`` rows of a ``(batch, seq, *features)`` activation; features flattened.
+
+    Empty slots (:data:`EMPTY_SLOT`) read as zeros.
+    """
+    example_index, slot_index, flat_positions = row_index(activation, positions, site)
+    rows = activation[example_index, flat_positions]
+    rows = rows.reshape(rows.shape[0], -1)
+    if rows.shape[0] == positions.numel():
+        return rows.reshape(positions.shape[0], positions.shape[1], -1)
+    out = rows.new_zeros((positions.shape[0], positions.shape[1], rows.shape[1]))
+    return out.index_put((example_index, slot_index), rows)
 
 
 def replace_rows(activation: Tensor, positions: Tensor, replace: Replacement, site: str) -> Tensor:

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .base import (
+    EMPTY_SLOT,
     ModelInputs,
     ObservedReplacement,
     Replacement,
@@ -545,26 +546,44 @@ def _split_forward(
 def _split_layer(
     view: nn.RNNBase, x: Tensor, state: Any, spec: _Site, positions: Tensor, replace: Replacement, stop_when_done: bool
 ) -> tuple[Tensor, Any]:
-    """One layer, split at each example's intervention steps (slots in time order)."""
+    """One layer, split at each example's intervention steps (slots in time order).
+
+    Empty slots (``EMPTY_SLOT``) sort last; in a round where an example has no
+    step left it runs one dummy step whose state and output are dropped (its
+    segment starts where its next one does, and the stitching takes the later).
+    """
     batch, seq_len, _ = x.shape
     is_lstm = isinstance(view, nn.LSTM)
     hidden = view.hidden_size
-    sorted_positions, slot_order = positions.sort(dim=1)
+    sorted_positions, slot_order = positions.masked_fill(positions == EMPTY_SLOT, seq_len).sort(dim=1)
     rows = torch.arange(batch, device=x.device)
     start = torch.zeros(batch, dtype=torch.long, device=x.device)
     segments: list[Tensor] = []
     segment_starts: list[Tensor] = []
-    replaced_h: list[tuple[Tensor, Tensor]] = []  # (position, new h) for the output sequence
+    replaced_h: list[tuple[Tensor, Tensor, Tensor]] = []  # (examples, position, new h) for the output sequence
 
     for j in range(sorted_positions.shape[1]):
         stop = sorted_positions[:, j]
-        out, state = _run_segment(view, x, start, stop - start + 1, state)
+        real = stop < seq_len
+        if not bool(real.any()):
+            break
+        everyone = bool(real.all())
+        out, new_state = _run_segment(view, x, start, torch.where(real, stop - start + 1, torch.ones_like(start)), state)
+        if not everyone:  # examples without a step this round keep their state
+            keep = (~real)[None, :, None]
+            new_state = (
+                (torch.where(keep, state[0], new_state[0]), torch.where(keep, state[1], new_state[1]))
+                if is_lstm else torch.where(keep, state, new_state)
+            )
+        state = new_state
         segments.append(out)
         segment_starts.append(start)
         h, c = state if is_lstm else (state, None)
         current = {"h": h[0], "c": c[0] if c is not None else None}
         current["hc"] = torch.cat([h[0], c[0]], -1) if c is not None else None
-        new = replace(current[spec.state], rows, slot_order[:, j])
+        examples = rows if everyone else real.nonzero().flatten()
+        new_rows = replace(current[spec.state][examples], examples, slot_order[examples, j])
+        new = new_rows if everyone else current[spec.state].index_put((examples,), new_rows)
         if spec.state == "h":
             h = new[None]
         elif spec.state == "c":
@@ -573,8 +592,8 @@ def _split_layer(
             h, c = new[None, :, :hidden], new[None, :, hidden:]
         state = (h, c) if is_lstm else h
         if spec.state != "c":
-            replaced_h.append((stop, h[0]))
-        start = stop + 1
+            replaced_h.append((examples, stop[examples], h[0][examples]))
+        start = torch.where(real, stop + 1, start)
 
     if stop_when_done:
         raise StopForward
@@ -599,6 +618,6 @@ def _split_layer(
     index = offsets[segment_id] + time - starts.gather(1, segment_id)
     stacked = torch.cat(segments, 1)
     output = stacked.gather(1, index[:, :, None].expand(-1, -1, hidden))
-    for position, new_h in replaced_h:
-        output = output.index_put((rows, position), new_h)
+    for examples, position, new_h in replaced_h:
+        output = output.index_put((examples, position), new_h)
     return output, state

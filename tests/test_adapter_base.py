@@ -37,7 +37,9 @@ def test_positions_are_checked_for_shape_range_and_repeats():
     with pytest.raises(TypeError, match="integer indices"):
         check_positions(torch.tensor([[1.0], [2.0]]), 2, 5)
     with pytest.raises(IndexError, match="is negative"):
-        check_positions(torch.tensor([[1], [-1]]), 2, 5)
+        check_positions(torch.tensor([[1], [-2]]), 2, 5)
+    # -1 is an empty slot (EMPTY_SLOT): accepted, and never a repeat or padding.
+    assert check_positions(torch.tensor([[1, -1, -1], [2, 3, -1]]), 2, 5, attention_mask=torch.tensor([[1] * 5, [1] * 4 + [0]])).shape == (2, 3)
     with pytest.raises(IndexError, match=r"position 5 \(slot 0\) of example 1 is outside its sequence of length 5"):
         check_positions(torch.tensor([[1], [5]]), 2, 5)
     with pytest.raises(IndexError, match="outside its sequence of length 3"):

@@ -157,7 +157,7 @@ BAD_POSITIONS = [
     (torch.tensor([1, 2, 3]), ValueError, r"positions must be \(batch, n_slots\).*positions\[:, None\]"),
     (torch.tensor([[1], [2]]), ValueError, r"must have shape \(batch=3, n_slots\); got \(2, 1\)"),
     (torch.tensor([[1.0], [2.0], [3.0]]), TypeError, "must be integer indices"),
-    (torch.tensor([[1], [-1], [3]]), IndexError, "position -1 of example 1 is negative"),
+    (torch.tensor([[1], [-2], [3]]), IndexError, "position -2 of example 1 is negative"),
     (torch.tensor([[1], [2], [8]]), IndexError, r"position 8 \(slot 0\) of example 2 is outside .* valid positions are 0\.\.7"),
     (torch.tensor([[1, 2], [3, 3], [4, 5]]), ValueError, r"example 1 repeats a position in \[3, 3\]"),
 ]

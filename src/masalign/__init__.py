@@ -21,7 +21,8 @@ from .alignment import (
     interchange,
     make_alignment,
 )
-from .data import IGNORE_INDEX, CounterfactualPairs, LabelledSequences
+from .adapters.base import EMPTY_SLOT
+from .data import IGNORE_INDEX, CounterfactualPairs, LabelledSequences, prefix_positions
 from .evaluate import IIAReport, evaluate, interchange_scores, task_accuracy
 from .mas import ModelAlignment
 from .memo import ActivationMemo
@@ -31,7 +32,9 @@ from .sweep import iia_by_subspace_dim
 from .train import FitResult, LatentObjective, fit
 
 __all__ = [
+    "EMPTY_SLOT",
     "IGNORE_INDEX",
+    "prefix_positions",
     "ActivationMemo",
     "AnswerAccuracy",
     "AnswerProbability",

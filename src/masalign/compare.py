@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .adapters import ModelAdapter
-from .adapters.base import check_finite
+from .adapters.base import EMPTY_SLOT, check_finite
 from .data import ModelInputs, batches, index_inputs, inputs_to
 from .evaluate import IIAReport
 from .similarity import DSA, compare_all
@@ -27,6 +27,8 @@ def paired_activations(
 ) -> Tensor:
     """``(N * n_slots, width)`` activations of ``model`` at ``site``: one row per (example, slot)."""
     parts = []
+    if bool((torch.as_tensor(positions) == EMPTY_SLOT).any()):
+        raise ValueError(f"paired activations need a position in every slot; empty slots ({EMPTY_SLOT}) would read as zeros")
     for index in batches(positions.shape[0], batch_size):
         hidden = model.activations(inputs_to(index_inputs(inputs, index), model.device), site, positions[index].to(model.device))
         parts.append(hidden.reshape(-1, hidden.shape[-1]).cpu())

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 # One inputs type for the whole library: the adapters define what a model takes.
-from .adapters.base import ModelInputs
+from .adapters.base import EMPTY_SLOT, ModelInputs
 
 IGNORE_INDEX = -100
 
@@ -94,8 +94,11 @@ class CounterfactualPairs:
     Attributes:
         base_inputs: ``(N, T_base)`` token ids (or a mapping of such tensors).
         source_inputs: ``(N, T_source)``.
-        base_positions: ``(N, n_slots)`` long: where to intervene in the base.
-        source_positions: ``(N, n_slots)`` long: where to read in the source.
+        base_positions: ``(N, n_slots)`` long: where to intervene in the base;
+            ``EMPTY_SLOT`` (-1) marks a slot a pair does not use (pairs with fewer
+            positions than others, e.g. :func:`prefix_positions`).
+        source_positions: ``(N, n_slots)`` long: where to read in the source; empty
+            exactly where ``base_positions`` is.
         labels: ``(N, T_base)`` long: counterfactual next-token labels at every
             base position, ``IGNORE_INDEX`` (-100) where there is no label.
         variable: name of the causal variable these pairs intervene on.
@@ -139,6 +142,17 @@ class CounterfactualPairs:
                 f"base_positions has {self.base_positions.shape[1]} slots per pair but source_positions has "
                 f"{self.source_positions.shape[1]}; slot j of the source goes to slot j of the base"
             )
+        base_empty, source_empty = self.base_positions == EMPTY_SLOT, self.source_positions == EMPTY_SLOT
+        if not torch.equal(base_empty, source_empty):
+            i, j = (base_empty != source_empty).nonzero()[0].tolist()
+            raise ValueError(
+                f"pair {i}: slot {j} is empty ({EMPTY_SLOT}) in {'base' if base_empty[i, j] else 'source'}_positions but "
+                f"not in the other: slot j of the source goes to slot j of the base, so a base and a source prefix of "
+                f"different lengths cannot be paired; give both the same number of positions"
+            )
+        if bool(base_empty.all(dim=1).any()):
+            i = int(base_empty.all(dim=1).nonzero()[0])
+            raise ValueError(f"pair {i} has only empty slots ({EMPTY_SLOT}): nothing would be intervened on; give it a position")
         if self.labels.dtype.is_floating_point:
             raise TypeError(f"labels must be integer token ids, got {self.labels.dtype}")
         if bool((self.labels < IGNORE_INDEX).any()) or bool(((self.labels < 0) & (self.labels != IGNORE_INDEX)).any()):
@@ -184,6 +198,28 @@ class CounterfactualPairs:
 
 
 CounterfactualData = Union[CounterfactualPairs, Mapping[str, CounterfactualPairs]]
+
+
+def prefix_positions(ends: Tensor | list[int], n_slots: int | None = None) -> Tensor:
+    """``(N, n_slots)`` positions ``0, 1, ..., ends[i]`` per row, then :data:`EMPTY_SLOT`.
+
+    The stepwise (contiguous prefix) protocol: every position of the base from the
+    first token to ``ends[i]`` takes the source's position of the same index, in
+    order. Give the same tensor for ``base_positions`` and ``source_positions``
+    (prefixes pair one to one, so they have one length). ``n_slots`` defaults to
+    the longest prefix.
+    """
+    ends = torch.as_tensor(ends)
+    if ends.dim() != 1 or ends.dtype.is_floating_point or ends.dtype == torch.bool:
+        raise TypeError(f"ends must be one integer position per row, (N,); got {ends.dtype} of shape {tuple(ends.shape)}")
+    if ends.numel() and int(ends.min()) < 0:
+        raise ValueError(f"prefix ends must be positions >= 0; got {int(ends.min())}")
+    longest = int(ends.max()) + 1 if ends.numel() else 0
+    n_slots = longest if n_slots is None else n_slots
+    if n_slots < longest:
+        raise ValueError(f"n_slots={n_slots} is shorter than the longest prefix ({longest} positions)")
+    slots = torch.arange(n_slots)[None, :].expand(len(ends), -1)
+    return torch.where(slots <= ends.long()[:, None], slots, torch.full_like(slots, EMPTY_SLOT))
 
 
 def view_for(data: CounterfactualData, model: str) -> CounterfactualPairs:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import ModelAdapter
-from .adapters.base import check_finite, unknown_site_error
+from .adapters.base import EMPTY_SLOT, check_finite, unknown_site_error
 from .alignment import make_alignment
 from .data import CounterfactualData, ModelInputs, batches, check_views, index_inputs, inputs_to, view_for
 from .logit_rows import logits_at
@@ -185,7 +185,8 @@ class ModelAlignment(nn.Module):
                 hidden = self.source_activations(name, view.source_inputs, view.source_positions, memo=memo)
             else:
                 hidden = self.source_activations(name, index_inputs(view.source_inputs, torch.arange(n)), view.source_positions[:n])
-            flat = hidden.reshape(-1, hidden.shape[-1])
+            used = (view.source_positions[:n] != EMPTY_SLOT).reshape(-1).to(hidden.device)  # empty slots read as zeros
+            flat = hidden.reshape(-1, hidden.shape[-1])[used]
             self.alignments[name].fit_standardization(flat)
 
     def intervened_logits(

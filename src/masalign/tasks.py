@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .data import IGNORE_INDEX, CounterfactualPairs, LabelledSequences, ModelInputs
+from .data import IGNORE_INDEX, CounterfactualPairs, LabelledSequences, ModelInputs, prefix_positions
 
 if TYPE_CHECKING:
     from .latents import LatentTargets
@@ -145,7 +145,12 @@ class NumericTask:
         return find_counterfactual_latents(pairs, pool, self.states, self.intervened_state, seed)
 
     def counterfactual_pairs(
-        self, n_pairs: int, seed: int = 0, split: str | Sequence[int] = "all", variable: str = "count"
+        self,
+        n_pairs: int,
+        seed: int = 0,
+        split: str | Sequence[int] = "all",
+        variable: str = "count",
+        protocol: str = "single",
     ) -> CounterfactualPairs:
         """Interchange pairs for ``count`` (or ``null``: the same pairs, labelled with the base's own continuation).
 
@@ -154,11 +159,21 @@ class NumericTask:
         the base at its position, and the causal model runs on to E. Pairs whose
         counterfactual count at T would leave ``1..max_count`` (the range the models
         were trained on) are redrawn.
+
+        ``protocol="single"`` (the reference's "indywise") intervenes at those two
+        positions, one slot. ``protocol="stepwise"`` (the reference's protocol for
+        transformers) intervenes on the whole prefix: the position ``t`` is drawn
+        among those holding a count in both sequences, and base positions ``0..t``
+        take the source's positions ``0..t`` in order (:func:`masalign.data.prefix_positions`;
+        shorter prefixes leave their last slots empty). The labels are the same
+        causal model's: the base's count at ``t`` becomes the source's.
         """
         if n_pairs <= 0:
             raise ValueError(f"n_pairs must be positive, got {n_pairs}")
         if variable not in ("count", "null"):
             raise ValueError(f"the numeric tasks define the variables 'count' and 'null', not {variable!r}")
+        if protocol not in ("single", "stepwise"):
+            raise ValueError(f"protocol must be 'single' (one position) or 'stepwise' (a prefix), not {protocol!r}")
         rng = random.Random(seed)
         counts = self.counts(split)
         bases, sources, base_pos, source_pos, labels = [], [], [], [], []
@@ -166,8 +181,14 @@ class NumericTask:
             base = self.sequence(rng.choice(counts), rng)
             source = self.sequence(rng.choice(counts), rng)
             base_states, source_states = self.states(base), self.states(source)
-            p = rng.choice([i for i, s in enumerate(base_states) if s is not None])
-            q = rng.choice([i for i, s in enumerate(source_states) if s is not None])
+            if protocol == "stepwise":
+                both = [i for i, (b, s) in enumerate(zip(base_states, source_states)) if b is not None and s is not None]
+                if not both:
+                    continue
+                p = q = rng.choice(both)
+            else:
+                p = rng.choice([i for i, s in enumerate(base_states) if s is not None])
+                q = rng.choice([i for i, s in enumerate(source_states) if s is not None])
             # "null": the interchange must change nothing, so the labels are the base's own
             # continuation; training on it makes the interchanged block causally inert.
             new_count = source_states[q].count if variable == "count" else base_states[p].count  # type: ignore[union-attr]
@@ -184,11 +205,15 @@ class NumericTask:
             sources.append(source)
             base_pos.append([p])
             source_pos.append([q])
+        if protocol == "stepwise":
+            base_positions = source_positions = prefix_positions([p for p, in base_pos])
+        else:
+            base_positions, source_positions = torch.tensor(base_pos), torch.tensor(source_pos)
         return CounterfactualPairs(
             base_inputs=_pad(bases, PAD),
             source_inputs=_pad(sources, PAD),
-            base_positions=torch.tensor(base_pos),
-            source_positions=torch.tensor(source_pos),
+            base_positions=base_positions,
+            source_positions=source_positions.clone(),
             labels=_pad(labels, IGNORE_INDEX),
             variable=variable,
         )

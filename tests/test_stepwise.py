@@ -1,0 +1,132 @@
+"""Empty slots and the stepwise (contiguous prefix) protocol, in every adapter.
+
+A batch whose rows intervene at different numbers of positions marks the unused
+slots with EMPTY_SLOT (-1). On every adapter kind, a run with empty slots equals
+each row run alone at its own positions, and reads give zeros there; a fused
+GRU's prefix replaced by another sequence's states continues exactly as that
+sequence would; the numeric task's stepwise pairs train; and the bad inputs the
+protocol invites are explained.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from adapter_cases import CASES, TOKENS, VOCAB, make_case
+from torch import Tensor
+
+from masalign import CounterfactualPairs, ModelAlignment, TorchModuleAdapter, fit
+from masalign.adapters.base import EMPTY_SLOT
+from masalign.data import IGNORE_INDEX, prefix_positions
+from masalign.models import RecurrentConfig, RecurrentLM
+from masalign.tasks import D0, D1, D2, NumericTask
+
+RAGGED = torch.tensor([[1, 5, EMPTY_SLOT], [7, 0, 2], [3, EMPTY_SLOT, EMPTY_SLOT]])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_empty_slots_are_left_alone_in_every_adapter(name: str) -> None:
+    case = make_case(name)
+    case.model.eval()
+    inputs = case.inputs(TOKENS)
+    width = case.adapter.sites()[case.site]
+    direction = torch.linspace(-1, 1, width)
+
+    def replace(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
+        assert bool((RAGGED[example_index.cpu(), slot_index.cpu()] != EMPTY_SLOT).all())
+        return hidden + direction * (1 + slot_index[:, None] + 10 * example_index[:, None])
+
+    with torch.no_grad():
+        together = case.adapter.run_with_replacement(inputs, case.site, RAGGED, replace)
+        read = case.adapter.activations(inputs, case.site, RAGGED)
+        for row in range(3):
+            real = RAGGED[row][RAGGED[row] != EMPTY_SLOT]
+            alone_inputs = case.inputs(TOKENS[row : row + 1])
+
+            def replace_alone(hidden: Tensor, example_index: Tensor, slot_index: Tensor, row: int = row) -> Tensor:
+                return hidden + direction * (1 + slot_index[:, None] + 10 * row)
+
+            alone = case.adapter.run_with_replacement(alone_inputs, case.site, real[None], replace_alone)
+            assert (together[row] - alone[0]).abs().max() < 1e-5, (name, row)
+            expected = case.adapter.activations(alone_inputs, case.site, real[None])[0]
+            assert (read[row, : len(real)] - expected).abs().max() < 1e-6
+            assert bool((read[row, len(real) :] == 0).all())
+
+
+def test_a_gru_prefix_taken_from_another_sequence_continues_as_that_sequence() -> None:
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentConfig(hidden_size=16, embedding_size=8, vocab_size=VOCAB)).eval()
+    adapter = TorchModuleAdapter(model)
+    base, source = TOKENS, TOKENS.roll(1, 0)
+    ends = torch.tensor([2, 5, 0])
+    positions = prefix_positions(ends)
+    with torch.no_grad():
+        source_states = adapter.activations(source, "rnn.h_l0", positions)
+        logits = adapter.run_with_replacement(base, "rnn.h_l0", positions, lambda h, e, s: source_states[e, s])
+        for row, end in enumerate(ends.tolist()):
+            spliced = torch.cat([source[row, : end + 1], base[row, end + 1 :]])[None]
+            assert (logits[row, end:] - model(spliced)[0, end:]).abs().max() < 1e-5
+
+
+def test_stepwise_pairs_of_the_numeric_task_train() -> None:
+    task = NumericTask("small", (D0, D1, D2), max_count=6, held_out_counts=(3,))
+    pairs = task.counterfactual_pairs(64, seed=1, protocol="stepwise")
+    ends = (pairs.base_positions != EMPTY_SLOT).sum(1) - 1
+    assert torch.equal(pairs.base_positions, prefix_positions(ends, pairs.base_positions.shape[1]))
+    assert torch.equal(pairs.base_positions, pairs.source_positions)
+    single = task.counterfactual_pairs(64, seed=1)
+    assert single.base_positions.shape[1] == 1
+    torch.manual_seed(0)
+    models = {name: TorchModuleAdapter(RecurrentLM(RecurrentConfig(hidden_size=16, embedding_size=8)).eval()) for name in "AB"}
+    alignment = ModelAlignment(models, "rnn.h_l0", subspace_dim=4)
+    result = fit(alignment, pairs, task.counterfactual_pairs(16, seed=2, protocol="stepwise"), steps=6, batch_size=16,
+                 eval_every=3, standardize=True, progress=False)
+    assert result.steps == 6 and all(torch.isfinite(alignment.alignments[n].mean).all() for n in "AB")
+    with pytest.raises(ValueError, match="protocol"):
+        task.counterfactual_pairs(4, protocol="prefix")
+
+
+def _pairs(base_positions: Tensor, source_positions: Tensor, tokens: Tensor = TOKENS) -> CounterfactualPairs:
+    labels = torch.full(tokens.shape, IGNORE_INDEX)
+    labels[:, -1] = 1
+    return CounterfactualPairs(tokens, tokens.roll(1, 0), base_positions, source_positions, labels)
+
+
+def test_prefixes_that_cannot_be_paired_or_used_are_explained() -> None:
+    with pytest.raises(ValueError, match="cannot be paired"):
+        _pairs(prefix_positions([2, 3, 1]), prefix_positions([2, 2, 1], 4))
+    with pytest.raises(ValueError, match="only empty slots"):
+        _pairs(torch.tensor([[0, 1], [EMPTY_SLOT, EMPTY_SLOT], [0, EMPTY_SLOT]]), torch.tensor([[0, 1], [EMPTY_SLOT, EMPTY_SLOT], [0, EMPTY_SLOT]]))
+    with pytest.raises(ValueError, match="n_slots=2 is shorter"):
+        prefix_positions([4], 2)
+    case = make_case("gru")
+    # A prefix longer than the sequence.
+    with pytest.raises(IndexError, match="outside its sequence of length 8"):
+        case.adapter.run_with_replacement(TOKENS, case.site, prefix_positions([2, 8, 1]), lambda h, e, s: h)
+    # A prefix that runs into padding.
+    nnsight = make_case("nnsight")
+    mask = torch.ones_like(TOKENS)
+    mask[1, 6:] = 0
+    with pytest.raises(IndexError, match="padding"):
+        nnsight.adapter.run_with_replacement(nnsight.inputs(TOKENS, mask), nnsight.site, prefix_positions([2, 6, 1]), lambda h, e, s: h)
+    with pytest.raises(IndexError, match="negative"):
+        case.adapter.activations(TOKENS, case.site, torch.tensor([[0, -2], [1, 2], [3, 4]]))
+
+
+def test_an_empty_slot_next_to_a_repeat_is_still_a_repeat() -> None:
+    case = make_case("sequence")
+    with pytest.raises(ValueError, match="repeats a position"):
+        case.adapter.activations(TOKENS, case.site, torch.tensor([[1, 1, EMPTY_SLOT], [0, 1, 2], [3, 4, 5]]))
+    # Two empty slots in one row are not a repeat.
+    assert case.adapter.activations(TOKENS, case.site, torch.tensor([[1, EMPTY_SLOT, EMPTY_SLOT], [0, 1, 2], [3, 4, 5]])).shape[:2] == (3, 3)
+
+
+def test_paired_activations_refuse_empty_slots() -> None:
+    from masalign.compare import paired_activations
+
+    case = make_case("sequence")
+    with pytest.raises(ValueError, match="empty slots"):
+        paired_activations(case.adapter, case.site, TOKENS, RAGGED)
+
+
+
