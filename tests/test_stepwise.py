@@ -130,3 +130,29 @@ def test_paired_activations_refuse_empty_slots() -> None:
 
 
 
+
+
+def test_the_mod_and_round_tasks_follow_the_reference_causal_model() -> None:
+    import random
+
+    from masalign.tasks import EOS, RESPONSE, TRIGGER, get_task
+
+    mod, rounded = get_task("multi_object_mod"), get_task("multi_object_round")
+    for n in range(1, 21):
+        for task, expected in ((mod, n % 4), (rounded, int(round(n / 3)) * 3)):
+            sequence = task.sequence(n, random.Random(n))
+            response = sequence[sequence.index(TRIGGER) + 1 :]
+            assert response == [RESPONSE] * expected + [EOS], (task.name, n)
+            states = task.states(sequence)
+            assert [s.count for s in states[sequence.index(TRIGGER) + 1 : -1]] == list(range(expected - 1, -1, -1))
+    # An interchange in the demo phase: the count goes on from the source's value, then the trigger maps it.
+    base = [1, 5, 5, 5, 5, 5, TRIGGER, RESPONSE, EOS]  # n = 5: 5 mod 4 = 1
+    assert mod.continuation(base, 2, 7) == [1, 5, 5, 5, 5, 5, TRIGGER] + [RESPONSE] * (10 % 4) + [EOS]
+    # In the response phase a mod task's intervened count is taken mod 4, as the reference's model does.
+    assert mod.continuation(base, 7, 6) == base[:8] + [RESPONSE] * 2 + [EOS]
+    assert rounded.continuation([1, 5, 5, 5, 5, TRIGGER] + [RESPONSE] * 3 + [EOS], 6, 5) == [1, 5, 5, 5, 5, TRIGGER, RESPONSE] + [RESPONSE] * 5 + [EOS]
+    for task in (mod, rounded):
+        pairs = task.counterfactual_pairs(64, seed=3)
+        assert len(pairs) == 64
+    with pytest.raises(ValueError, match="not both"):
+        NumericTask("x", (D0,), modulus=4, round_to=3)

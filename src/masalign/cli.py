@@ -22,7 +22,7 @@ from . import storage
 from .evaluate import IIAReport, evaluate
 from .mas import ModelAlignment
 from .models import DEMO_PAIRS, DEMO_SITES, default_cache, reference_model
-from .tasks import get_task
+from .tasks import TASKS, get_task
 from .train import fit
 
 
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="align two GRU seeds on the numeric task and report IIA")
     demo.add_argument("--out", default="demo_out", help="folder for report.json, iia.png and the alignment")
-    demo.add_argument("--task", default="multi_object", choices=["multi_object", "single_object", "same_object"])
+    demo.add_argument("--task", default="multi_object", choices=sorted(TASKS))
     demo.add_argument(
         "--pair", default="gru-gru", choices=[*sorted(DEMO_PAIRS), PRETRAINED_PAIR],
         help="which two models to align: two GRU seeds, a GRU and a transformer, or SmolLM2-135M and Gemma-3-270M",

@@ -6,6 +6,9 @@ A sequence is ``B, n demo tokens, T, n response tokens R, E`` with ``n`` in
 - Multi-Object: demo tokens drawn from ``D0, D1, D2``; response ``R``.
 - Single-Object: one demo token ``D0``; response ``R``.
 - Same-Object: ``R`` is both demo and response token.
+- Multi-Object Mod / Round (the papers' other tasks): as Multi-Object, but the
+  trigger maps the count to ``n mod 4`` / ``n`` rounded to the nearest multiple of
+  3, and the response has that many R tokens (:meth:`NumericTask.at_trigger`).
 
 The causal model "count up, count down": ``count += 1`` per demo token, ``count -= 1``
 per response token; the next token is ``R`` while ``count > 0``, then ``E``. The
@@ -49,6 +52,34 @@ class NumericTask:
     response_token: int = RESPONSE
     max_count: int = 20
     held_out_counts: tuple[int, ...] = HELD_OUT_COUNTS
+    # What the trigger does to the count (the papers' other tasks): ``modulus=4``
+    # makes the response ``n mod 4`` tokens long (Multi-Object Mod), ``round_to=3``
+    # ``n`` rounded to the nearest multiple of 3 (Multi-Object Round).
+    modulus: int | None = None
+    round_to: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.modulus is not None and self.round_to is not None:
+            raise ValueError(f"{self.name}: give modulus or round_to, not both")
+        for name in ("modulus", "round_to"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{self.name}: {name} must be a positive integer, got {value!r}")
+
+    def at_trigger(self, count: int) -> int:
+        """The count the response phase starts from, given the demo phase's count."""
+        if self.modulus is not None:
+            return count % self.modulus
+        if self.round_to is not None:
+            return int(round(count / self.round_to)) * self.round_to
+        return count
+
+    def after_intervention(self, state: CausalState, count: int) -> int:
+        """The count an interchange leaves at ``state``: a mod task's response phase holds counts mod ``modulus``
+        (as the reference's causal model does after an intervention); otherwise ``count`` itself."""
+        if self.modulus is not None and state.phase == "response":
+            return count % self.modulus
+        return count
 
     # -- sequences ---------------------------------------------------------------------
 
@@ -71,7 +102,7 @@ class NumericTask:
 
     def sequence(self, n: int, rng: random.Random) -> list[int]:
         demo = [rng.choice(self.demo_tokens) for _ in range(n)]
-        return [BOS, *demo, TRIGGER, *([self.response_token] * n), EOS]
+        return [BOS, *demo, TRIGGER, *([self.response_token] * self.at_trigger(n)), EOS]
 
     def states(self, tokens: Sequence[int]) -> list[CausalState | None]:
         """The causal model's state after each token (``None`` for B, T, E and padding)."""
@@ -80,6 +111,7 @@ class NumericTask:
         for token in tokens:
             if token == TRIGGER:
                 phase = "response"
+                count = self.at_trigger(count)
                 states.append(None)
             elif phase == "demo" and token in self.demo_tokens:
                 count += 1
@@ -112,17 +144,18 @@ class NumericTask:
         if state is None:
             raise ValueError(f"position {position} holds no count (token {VOCAB[tokens[position]]})")
         prefix = list(tokens[: position + 1])
+        count = self.after_intervention(state, count)
         if state.phase == "demo":
             trigger = list(tokens).index(TRIGGER)
             remaining_demo = list(tokens[position + 1 : trigger])
             count += len(remaining_demo)
-            return prefix + remaining_demo + [TRIGGER] + [self.response_token] * count + [EOS]
+            return prefix + remaining_demo + [TRIGGER] + [self.response_token] * self.at_trigger(count) + [EOS]
         return prefix + [self.response_token] * count + [EOS]
 
-    @staticmethod
-    def intervened_state(base_state: CausalState, source_state: CausalState) -> CausalState:
-        """The state an interchange on ``count`` should produce: the source's count, the base's phase."""
-        return CausalState(source_state.count, base_state.phase)
+    def intervened_state(self, base_state: CausalState, source_state: CausalState) -> CausalState:
+        """The state an interchange on ``count`` should produce: the source's count (mod ``modulus`` in a
+        mod task's response phase), the base's phase."""
+        return CausalState(self.after_intervention(base_state, source_state.count), base_state.phase)
 
     def latent_targets(
         self, pairs: CounterfactualPairs, pool_inputs: ModelInputs | None = None, seed: int = 0
@@ -193,8 +226,10 @@ class NumericTask:
             # continuation; training on it makes the interchanged block causally inert.
             new_count = source_states[q].count if variable == "count" else base_states[p].count  # type: ignore[union-attr]
             counterfactual = self.continuation(base, p, new_count)
-            response_length = len(counterfactual) - counterfactual.index(TRIGGER) - 2
-            if base_states[p].phase == "demo" and not 1 <= response_length <= self.max_count:  # type: ignore[union-attr]
+            # The demo phase's final count must stay in the range the models were trained on.
+            trigger = list(base).index(TRIGGER)
+            final_count = new_count + (trigger - p - 1)
+            if base_states[p].phase == "demo" and not 1 <= final_count <= self.max_count:  # type: ignore[union-attr]
                 continue
             trigger = counterfactual.index(TRIGGER)
             first_label = max(p, trigger)
@@ -228,6 +263,8 @@ TASKS = {
     "multi_object": NumericTask("multi_object", (D0, D1, D2)),
     "single_object": NumericTask("single_object", (D0,)),
     "same_object": NumericTask("same_object", (RESPONSE,)),
+    "multi_object_mod": NumericTask("multi_object_mod", (D0, D1, D2), modulus=4),
+    "multi_object_round": NumericTask("multi_object_round", (D0, D1, D2), round_to=3),
 }
 
 
