@@ -250,11 +250,10 @@ def _eigenbasis_starts(a: Tensor, b: Tensor) -> Tensor:
 
 
 # align_operators on large operators (r >= _LARGE_OPERATOR, float64): float32 search,
-# successive halving to _KEEP_STARTS starts after _PRUNE_FRACTION of the steps, and
-# the last _POLISH_FRACTION of the steps in float64.
+# successive halving (keep the best _PRUNING[i][1] starts after _PRUNING[i][0] of the
+# steps), and the last _POLISH_FRACTION of the steps in float64.
 _LARGE_OPERATOR = 16
-_KEEP_STARTS = 4
-_PRUNE_FRACTION = 0.3
+_PRUNING = ((0.3, 4), (0.6, 2))
 _POLISH_FRACTION = 0.1
 
 
@@ -344,11 +343,11 @@ def align_operators(
     C = torch.cat(starts, dim=0)
 
     # Large operators: search in float32 (half the cost of every product), keep the
-    # best _KEEP_STARTS starts after _PRUNE_FRACTION of the steps and continue them
-    # from where they are, and run the last _POLISH_FRACTION of the steps in the
+    # best 4 starts after 30% of the steps and the best 2 after 60%, continuing them
+    # from where they are (successive halving), and run the last _POLISH_FRACTION of the steps in the
     # input's dtype, so the optimum is as precise as a search in that dtype.
     large = size >= _LARGE_OPERATOR and dtype == torch.float64
-    prune_step = max(1, math.ceil(_PRUNE_FRACTION * iters)) if large and C.shape[0] > _KEEP_STARTS else None
+    prune_steps = {max(1, math.ceil(fraction * iters)): keep for fraction, keep in _PRUNING} if large else {}
     polish_step = iters + 1 - max(1, math.ceil(_POLISH_FRACTION * iters)) if large else 1
     work_dtype = torch.float32 if large else dtype
     a_work, b_work, identity_work = a.to(work_dtype), b.to(work_dtype), identity.to(work_dtype)
@@ -384,21 +383,25 @@ def align_operators(
         best_C = torch.where(improved[:, None, None], C, best_C)
         if step == iters + 1:
             break
-        if step == prune_step:
+        if step in prune_steps and C.shape[0] > prune_steps[step]:
             # Successive halving: continue the leading starts from their current state.
-            keep = torch.argsort(inner, descending=True)[:_KEEP_STARTS]
+            keep = torch.argsort(inner, descending=True)[: prune_steps[step]]
             C, a_in_frame, best_C, best_inner = C[keep], a_in_frame[keep], best_C[keep], best_inner[keep]
             first_moment, second_moment = first_moment[keep], second_moment[keep]
-        euclidean_part = a_in_frame @ b_work.T + a_in_frame.transpose(-1, -2) @ b_work
-        omega = (euclidean_part - euclidean_part.transpose(-1, -2)) / 2
-        first_moment = beta1 * first_moment + (1 - beta1) * omega
-        second_moment = beta2 * second_moment + (1 - beta2) * omega.square()
-        # Elementwise Adam keeps the step skew-symmetric (|omega_ij| = |omega_ji|).
-        direction = (first_moment / (1 - beta1**step)) / (
-            (second_moment / (1 - beta2**step)).sqrt() + eps
+        euclidean_part = torch.baddbmm(
+            a_in_frame @ b_work.T, a_in_frame.transpose(-1, -2), b_work.expand_as(a_in_frame)
         )
+        omega = euclidean_part - euclidean_part.transpose(-1, -2)
+        omega *= 0.5
+        # Adam, in place (the elementwise work costs as much as the products at r = 100):
+        # m <- beta1 m + (1 - beta1) omega, v <- beta2 v + (1 - beta2) omega^2,
+        # direction = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps).
+        first_moment.mul_(beta1).add_(omega, alpha=1 - beta1)
+        second_moment.mul_(beta2).addcmul_(omega, omega, value=1 - beta2)
+        # Elementwise Adam keeps the step skew-symmetric (|omega_ij| = |omega_ji|).
+        denominator = second_moment.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
         step_size = 0.5 * lr * (1 + math.cos(math.pi * (step - 1) / iters))
-        half_step = 0.5 * step_size * direction
+        half_step = torch.div(first_moment, denominator).mul_(0.5 * step_size / (1 - beta1**step))
         C = _cayley_update(C, half_step, identity_work)
 
     best = int(torch.argmax(best_inner))
