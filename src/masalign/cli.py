@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--task", default="multi_object", choices=sorted(TASKS))
     demo.add_argument(
         "--pair", default="gru-gru", choices=[*sorted(DEMO_PAIRS), PRETRAINED_PAIR],
-        help="which two models to align: two GRU seeds, a GRU and a transformer, or SmolLM2-135M and Gemma-3-270M",
+        help="which two models to align: two GRU seeds, a GRU and a transformer, a GRU and an LSTM, or SmolLM2-135M and Gemma-3-270M",
     )
     demo.add_argument("--sweep-steps", type=positive_int, default=30, help="pretrained-lm: steps of each layer-sweep fit")
     demo.add_argument("--layers-smollm2", type=int, nargs="+", default=None, help="pretrained-lm: SmolLM2 layers to sweep")

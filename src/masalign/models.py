@@ -213,15 +213,19 @@ DEMO_PAIRS: dict[str, tuple[tuple[str, int], tuple[str, int]]] = {
     # pair name: ((architecture, seed), (architecture, seed))
     "gru-gru": (("gru", 0), ("gru", 1)),
     "gru-transformer": (("gru", 0), ("transformer", 1)),
+    "gru-lstm": (("gru", 0), ("lstm", 0)),
 }
-DEMO_SITES = {"gru": "rnn.h_l0", "transformer": "blocks.0.hook_resid_post"}
+DEMO_SITES = {"gru": "rnn.h_l0", "lstm": "rnn.hc_l0", "transformer": "blocks.0.hook_resid_post"}
 ARCHITECTURES = tuple(DEMO_SITES)
 
 
 def reference_config(architecture: str) -> ModelConfig:
-    """The papers' shapes: a 1-layer GRU of width 128, or the 2-layer rotary transformer."""
+    """The papers' shapes: a 1-layer GRU of width 128, a 1-layer LSTM of two 64-wide cells (its
+    site ``[h; c]`` is 128 wide), or the 2-layer rotary transformer."""
     if architecture == "gru":
         return RecurrentConfig("gru", hidden_size=128, embedding_size=128)
+    if architecture == "lstm":
+        return RecurrentConfig("lstm", hidden_size=64, embedding_size=128)
     if architecture == "transformer":
         return TransformerConfig()
     raise ValueError(f"unknown reference architecture {architecture!r}; choose one of {list(ARCHITECTURES)}")
@@ -265,6 +269,6 @@ def reference_model(
         )
         info = {"cached": False, "folder": str(folder), "training_seconds": summary.seconds, "training_steps": summary.steps}
     name = f"{architecture}_seed{seed}"
-    if architecture == "gru":
+    if architecture in ("gru", "lstm"):
         return TorchModuleAdapter(model, name=name), info
     return TransformerLensAdapter(model, name=name), info
