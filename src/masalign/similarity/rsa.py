@@ -111,15 +111,18 @@ def _average_ranks_numpy(values: np.ndarray) -> np.ndarray:
     index_bits = max(1, (count - 1).bit_length())
     low_mask = np.int64((1 << index_bits) - 1)
     keys = (values + 0.0).view(np.int64)  # + 0.0 turns -0.0 into +0.0
-    keys ^= (keys >> 63) & np.int64(0x7FFFFFFFFFFFFFFF)  # negatives: reverse their order
+    if values.min() < 0:
+        keys ^= (keys >> 63) & np.int64(0x7FFFFFFFFFFFFFFF)  # negatives: reverse their order
     keys &= ~low_mask
     keys |= np.arange(count, dtype=np.int64)
     keys.sort()
     order = keys & low_mask
-    truncated = keys >> index_bits
-    same_truncated = truncated[1:] == truncated[:-1]
+    # Neighbours share their truncated key iff their XOR (as unsigned) is below 2^index_bits.
+    neighbours = np.bitwise_xor(keys[1:], keys[:-1]).view(np.uint64)
+    same_truncated = neighbours <= np.uint64(low_mask)
     rank_at_position = np.arange(1, count + 1, dtype=np.float64)
     if same_truncated.any():
+        truncated = keys >> index_bits
         in_group = np.zeros(count, dtype=bool)
         in_group[:-1] |= same_truncated
         in_group[1:] |= same_truncated
