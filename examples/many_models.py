@@ -110,7 +110,7 @@ def main() -> None:
     result = run(args.full, args.steps, args.subspace_dim, protocol=args.protocol)
     if result["model_accuracy"]:
         print("model accuracy (check split):", {m: round(a, 3) for m, a in result["model_accuracy"].items()})
-    print(f"DAS within each model (MAS diagonal): " + ", ".join(f"{m} {v:.3f}" for m, v in result["das"].items()))
+    print("DAS within each model (MAS diagonal): " + ", ".join(f"{m} {v:.3f}" for m, v in result["das"].items()))
     print(f"{'direction':<22}{'MAS (3 maps)':>16}{'stitching (12 maps)':>24}")
     for direction, row in result["cross"].items():
         print(f"{direction:<22}{row['mas']:>8.3f} ({row['mas_floor']:.3f}){row['stitching']:>14.3f} ({row['stitching_floor']:.3f})")
