@@ -35,13 +35,14 @@ vocab)`` logits to a scalar tensor works too.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .adapters.base import ModelAdapter, ModelInputs, probing, tokens_and_mask, unknown_site_error
+from .data import inputs_to
 
 Metric = Callable[[Tensor], Tensor]
 
@@ -60,11 +61,19 @@ def _answer_tensor(tokens: int | Sequence[int] | Tensor, what: str) -> Tensor:
     return tensor.long()
 
 
-@dataclass
-class _AtPosition:
-    """Logits at one position per example: ``position`` an int (``-1``: the last) or ``(batch,)``."""
+class _AnswerMetric:
+    """A metric of the logits at one position per example (``position``: an int, ``-1`` the last,
+    or ``(batch,)``) and of answer token ids (one id, or one per example)."""
 
-    position: int | Tensor = -1
+    name = "metric"
+
+    def __init__(self, answer: int | Sequence[int] | Tensor, position: int | Tensor = -1) -> None:
+        self.answer = _answer_tensor(answer, "answer")
+        self.position = position
+
+    def token_ids(self) -> dict[str, Tensor]:
+        """The metric's token ids by role, for the vocabulary check."""
+        return {"answer": self.answer}
 
     def rows(self, logits: Tensor) -> Tensor:
         """``(batch, vocab)`` logits at the metric's position."""
@@ -80,77 +89,65 @@ class _AtPosition:
         return logits[torch.arange(batch, device=logits.device), position]
 
     def check_vocabulary(self, vocab_size: int) -> None:
-        for name in ("answer", "wrong"):
-            tokens = getattr(self, name, None)
-            if tokens is not None and tokens.numel() and int(tokens.max()) >= vocab_size:
+        for role, tokens in self.token_ids().items():
+            if tokens.numel() and int(tokens.max()) >= vocab_size:
                 raise ValueError(
-                    f"the {name} token {int(tokens.max())} is outside the model's vocabulary of {vocab_size} "
+                    f"the {role} token {int(tokens.max())} is outside the model's vocabulary of {vocab_size} "
                     f"(token ids 0..{vocab_size - 1})"
                 )
 
-    def _per_row(self, tokens: Tensor, batch: int, device: torch.device) -> Tensor:
-        tokens = tokens.to(device)
-        if tokens.dim() == 0:
-            return tokens.expand(batch)
-        if tokens.shape[0] != batch:
-            raise ValueError(f"{tokens.shape[0]} answer tokens for a batch of {batch}: give one id, or one per example")
-        return tokens
+    @staticmethod
+    def per_example(tokens: Tensor, rows: Tensor) -> Tensor:
+        """``(batch,)`` token ids for ``(batch, vocab)`` rows; one id serves every example."""
+        tokens = tokens.to(rows.device)
+        if tokens.dim() == 1 and tokens.shape[0] != rows.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} answer tokens for a batch of {rows.shape[0]}: give one id, or one per example")
+        return tokens.expand(rows.shape[0])
+
+    def at(self, rows: Tensor, tokens: Tensor) -> Tensor:
+        """``rows[b, tokens[b]]``."""
+        return rows[torch.arange(rows.shape[0], device=rows.device), self.per_example(tokens, rows)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v.tolist()}' for k, v in self.token_ids().items())}, position={self.position})"
 
 
-@dataclass(init=False)
-class LogitDifference(_AtPosition):
+class LogitDifference(_AnswerMetric):
     """Mean of ``logit[answer] - logit[wrong]`` at ``position``: the usual patching metric."""
 
-    answer: Tensor = field(default_factory=lambda: torch.tensor(0))
-    wrong: Tensor = field(default_factory=lambda: torch.tensor(0))
-    name: str = "logit difference"
+    name = "logit difference"
 
-    def __init__(self, answer: int | Sequence[int] | Tensor, wrong: int | Sequence[int] | Tensor, position: int | Tensor = -1) -> None:
-        super().__init__(position)
-        self.answer, self.wrong = _answer_tensor(answer, "answer"), _answer_tensor(wrong, "wrong")
-        self.name = "logit difference"
+    def __init__(
+        self, answer: int | Sequence[int] | Tensor, wrong: int | Sequence[int] | Tensor, position: int | Tensor = -1
+    ) -> None:
+        super().__init__(answer, position)
+        self.wrong = _answer_tensor(wrong, "wrong")
+
+    def token_ids(self) -> dict[str, Tensor]:
+        return {"answer": self.answer, "wrong": self.wrong}
 
     def __call__(self, logits: Tensor) -> Tensor:
         rows = self.rows(logits).float()
-        index = torch.arange(rows.shape[0], device=rows.device)
-        answer, wrong = (self._per_row(t, rows.shape[0], rows.device) for t in (self.answer, self.wrong))
-        return (rows[index, answer] - rows[index, wrong]).mean()
+        return (self.at(rows, self.answer) - self.at(rows, self.wrong)).mean()
 
 
-@dataclass(init=False)
-class AnswerProbability(_AtPosition):
+class AnswerProbability(_AnswerMetric):
     """Mean probability of ``answer`` at ``position``."""
 
-    answer: Tensor = field(default_factory=lambda: torch.tensor(0))
-    name: str = "answer probability"
-
-    def __init__(self, answer: int | Sequence[int] | Tensor, position: int | Tensor = -1) -> None:
-        super().__init__(position)
-        self.answer = _answer_tensor(answer, "answer")
-        self.name = "answer probability"
+    name = "answer probability"
 
     def __call__(self, logits: Tensor) -> Tensor:
-        rows = self.rows(logits).float().softmax(-1)
-        index = torch.arange(rows.shape[0], device=rows.device)
-        return rows[index, self._per_row(self.answer, rows.shape[0], rows.device)].mean()
+        return self.at(self.rows(logits).float().softmax(-1), self.answer).mean()
 
 
-@dataclass(init=False)
-class AnswerAccuracy(_AtPosition):
+class AnswerAccuracy(_AnswerMetric):
     """Fraction of examples whose top token at ``position`` is ``answer``."""
 
-    answer: Tensor = field(default_factory=lambda: torch.tensor(0))
-    name: str = "accuracy"
-
-    def __init__(self, answer: int | Sequence[int] | Tensor, position: int | Tensor = -1) -> None:
-        super().__init__(position)
-        self.answer = _answer_tensor(answer, "answer")
-        self.name = "accuracy"
+    name = "accuracy"
 
     def __call__(self, logits: Tensor) -> Tensor:
         rows = self.rows(logits)
-        answer = self._per_row(self.answer, rows.shape[0], rows.device)
-        return (rows.argmax(-1) == answer).float().mean()
+        return (rows.argmax(-1) == self.per_example(self.answer, rows)).float().mean()
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -267,6 +264,7 @@ def activation_patching(
     sites = _check_sites(adapter, sites)
     batch, seq = _check_same_layout(clean, corrupted)
     positions = _check_grid_positions(positions, seq, clean, position_labels)
+    clean, corrupted = inputs_to(clean, adapter.device), inputs_to(corrupted, adapter.device)  # once, not per cell
     with probing(adapter.model):
         clean_value, corrupted_value = (_metric_of(adapter, metric, inputs) for inputs in (clean, corrupted))
         normalise = _normaliser(clean_value, corrupted_value, normalize)
@@ -274,7 +272,7 @@ def activation_patching(
         raw = torch.empty(len(sites), len(positions))
         grid = torch.tensor(positions).expand(batch, -1)
         for i, site in enumerate(sites):
-            source_rows = adapter.activations(_on(source, adapter), site, grid.to(adapter.device))  # (batch, n, width)
+            source_rows = adapter.activations(source, site, grid.to(adapter.device))  # (batch, n, width)
             _check_width(source_rows, adapter, site)
             for j in range(len(positions)):
                 raw[i, j] = _patched_metric(adapter, metric, target, site, grid[:, j : j + 1], source_rows[:, j])
@@ -318,6 +316,8 @@ def ablation(
     if corrupted is not None:
         _check_same_layout(inputs, corrupted)
     positions = _check_grid_positions(positions, seq, inputs, position_labels)
+    inputs, reference = inputs_to(inputs, adapter.device), inputs_to(reference, adapter.device)  # once, not per cell
+    corrupted = None if corrupted is None else inputs_to(corrupted, adapter.device)
     with probing(adapter.model):
         clean_value = _metric_of(adapter, metric, inputs)
         corrupted_value = _metric_of(adapter, metric, corrupted) if corrupted is not None else None
@@ -332,7 +332,7 @@ def ablation(
                 width = adapter.sites()[site]
                 replacement_rows = torch.zeros(batch, len(positions), width, device=adapter.device)
             else:
-                reference_rows = adapter.activations(_on(reference, adapter), site, grid.expand(reference_batch, -1).to(adapter.device))
+                reference_rows = adapter.activations(reference, site, grid.expand(reference_batch, -1).to(adapter.device))
                 _check_width(reference_rows, adapter, site)
                 if kind == "mean":
                     mask = _attention_mask(reference)
@@ -360,12 +360,12 @@ def _patched_metric(adapter: ModelAdapter, metric: Metric, inputs: ModelInputs, 
     def replace(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
         return rows[example_index].to(hidden.dtype)
 
-    logits = adapter.run_with_replacement(_on(inputs, adapter), site, positions.to(adapter.device), replace)
+    logits = adapter.run_with_replacement(inputs, site, positions.to(adapter.device), replace)
     return _scalar(metric(logits))
 
 
 def _metric_of(adapter: ModelAdapter, metric: Metric, inputs: ModelInputs) -> float:
-    logits = adapter.logits(_on(inputs, adapter))
+    logits = adapter.logits(inputs)
     check = getattr(metric, "check_vocabulary", None)
     if callable(check):
         check(logits.shape[-1])
@@ -474,13 +474,6 @@ def _check_width(rows: Tensor, adapter: ModelAdapter, site: str) -> None:
     width = adapter.sites()[site]
     if rows.shape[-1] != width:
         raise ValueError(f"{site!r} gave activations of width {rows.shape[-1]}, but the adapter lists width {width}")
-
-
-def _on(inputs: ModelInputs, adapter: ModelAdapter) -> ModelInputs:
-    device = adapter.device
-    if isinstance(inputs, Tensor):
-        return inputs.to(device)
-    return {key: value.to(device) if isinstance(value, Tensor) else value for key, value in inputs.items()}
 
 
 __all__ = [
