@@ -32,6 +32,8 @@ CASES = [
     ("elementwise_inverse", {}),
     ("elementwise_inverse", {"nonlinearity": "sigmoid", "inner": "spd"}),
     ("elementwise_inverse", {"inner": "orthogonal", "inner_options": {"full_rotation": True}}),
+    ("orthogonal", {"parametrization": "householder"}),
+    ("orthogonal", {"parametrization": "cayley"}),
 ]
 IDS = [f"{kind}-{i}" for i, (kind, _) in enumerate(CASES)]
 
@@ -245,3 +247,38 @@ def test_fit_standardization_checks_its_input() -> None:
     h = torch.randn(10, 2, 3)
     a.fit_standardization(h)
     assert torch.allclose(a.mean, h.reshape(-1, 3).mean(0)) and torch.allclose(a.std, h.reshape(-1, 3).std(0))
+
+
+def test_the_orthogonal_parametrizations_match_their_dense_definitions() -> None:
+    """Householder and Cayley columns equal the dense products they stand for, and are orthonormal."""
+    from masalign.alignment import _cayley_columns, _householder_columns
+
+    g = torch.Generator().manual_seed(3)
+    width, k = 12, 4
+    generator = 0.7 * torch.randn(width, k, generator=g, dtype=torch.float64)
+    eye_k = torch.eye(width, k, dtype=torch.float64)
+    identity = torch.eye(width, dtype=torch.float64)
+
+    skew = generator @ eye_k.T - eye_k @ generator.T
+    dense_cayley = torch.linalg.solve(identity - skew / 2, identity + skew / 2)[:, :k]
+    torch.testing.assert_close(_cayley_columns(generator), dense_cayley, rtol=0, atol=1e-12)
+
+    product = identity.clone()
+    for i in range(k):
+        v = torch.zeros(width, dtype=torch.float64)
+        v[i] = 1.0
+        v[i + 1 :] = generator[i + 1 :, i]
+        product = product @ (identity - 2.0 / (v @ v) * torch.outer(v, v))
+    torch.testing.assert_close(_householder_columns(generator), product[:, :k], rtol=0, atol=1e-12)
+
+    for parametrization in OrthogonalAlignment.PARAMETRIZATIONS:
+        a = perturbed("orthogonal", width, k, {"parametrization": parametrization})
+        q = a.basis  # the fixed rotation Q_0 was drawn in float32, hence 1e-6
+        torch.testing.assert_close(q.T @ q, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_bad_parametrization_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown parametrization 'givens'.*'qr', 'householder', 'cayley'"):
+        OrthogonalAlignment(8, 2, parametrization="givens")
+    with pytest.raises(ValueError, match="full_rotation=True.*takes no parametrization"):
+        OrthogonalAlignment(8, 2, full_rotation=True, parametrization="cayley")

@@ -142,34 +142,73 @@ class OrthogonalAlignment(AlignmentFunction):
     continuous). The interchange needs nothing else (docs/method.md section 3);
     ``forward`` and ``inverse`` complete the basis when the full map is asked for.
 
+    ``parametrization`` chooses how the ``d x k`` columns are parametrised (all are
+    ``O(d k^2)`` per step but for a ``d x d`` product with a fixed rotation):
+
+    - ``"qr"``: the QR retraction above.
+    - ``"householder"``: ``Q_V = Q_0 H_1 ... H_k E_k``, ``k`` Householder reflections
+      whose vectors are the columns of an unconstrained lower-trapezoidal ``d x k``
+      matrix that starts at zero, after a fixed random rotation ``Q_0`` (as
+      ``torch.nn.utils.parametrizations.orthogonal`` does for a ``d x k`` weight,
+      which is what pyvene's rotated-space interventions use).
+    - ``"cayley"``: ``Q_V = Q_0 (I - S/2)^{-1} (I + S/2) E_k`` with ``S`` skew and
+      zero outside its first ``k`` rows and columns (``S = P E_k^T - E_k P^T`` for an
+      unconstrained ``d x k`` matrix ``P`` that starts at zero), inverted through
+      Woodbury's identity in ``O(d k^2)``: a geodesic-like step on the Stiefel manifold.
+
     ``full_rotation=True`` trains the whole ``width x width`` rotation instead,
     ``Q = Q_0 exp(S - S^T)`` with a fixed random ``Q_0`` (``O(d^3)`` per step), as
     the reference code does with a full orthogonal parametrisation.
     """
 
     kind = "orthogonal"
+    PARAMETRIZATIONS: ClassVar[tuple[str, ...]] = ("qr", "householder", "cayley")
 
-    def __init__(self, width: int, n_aligned: int, full_rotation: bool = False, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        width: int,
+        n_aligned: int,
+        full_rotation: bool = False,
+        generator: torch.Generator | None = None,
+        parametrization: str = "qr",
+    ) -> None:
         super().__init__(width, n_aligned)
+        if parametrization not in self.PARAMETRIZATIONS:
+            raise ValueError(f"unknown parametrization {parametrization!r}; choose one of {list(self.PARAMETRIZATIONS)}")
+        if full_rotation and parametrization != "qr":
+            raise ValueError(
+                f"full_rotation=True trains the whole rotation through a matrix exponential; it takes no "
+                f"parametrization (got {parametrization!r}): leave parametrization at its default"
+            )
         self.full_rotation = full_rotation
+        self.parametrization = parametrization
         if full_rotation:
             self.register_buffer("initial_rotation", torch.linalg.qr(torch.randn(width, width, generator=generator)).Q)
             self.skew = nn.Parameter(torch.zeros(width, width))
-        else:
+        elif parametrization == "qr":
             # Start from orthonormal columns: the retraction's step size scales with
             # 1 / |column|, so unit columns make Adam's lr a rotation rate, as with
             # the reference's full orthogonal parametrisation.
             start = torch.linalg.qr(torch.randn(width, max(n_aligned, 1), generator=generator)).Q[:, :n_aligned]
             self.raw_columns = nn.Parameter(start.contiguous())
+        else:
+            # Both start at the identity (zero parameters) after a fixed random rotation,
+            # so the first columns of Q_0 are the initial subspace.
+            self.register_buffer("initial_rotation", torch.linalg.qr(torch.randn(width, width, generator=generator)).Q)
+            self.generator_columns = nn.Parameter(torch.zeros(width, n_aligned))
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "full_rotation": self.full_rotation}
+        return {**super().config(), "full_rotation": self.full_rotation, "parametrization": self.parametrization}
 
     @property
     def basis(self) -> Tensor:
         """The orthonormal columns, ``(width, n_aligned)``, or ``(width, width)`` for a full rotation."""
         if self.full_rotation:
             return self.initial_rotation @ torch.linalg.matrix_exp(self.skew - self.skew.T)
+        if self.parametrization == "householder":
+            return self.initial_rotation @ _householder_columns(self.generator_columns)
+        if self.parametrization == "cayley":
+            return self.initial_rotation @ _cayley_columns(self.generator_columns)
         q, r = torch.linalg.qr(self.raw_columns)
         signs = torch.sign(torch.diagonal(r))
         return q * torch.where(signs == 0, torch.ones_like(signs), signs)
@@ -198,6 +237,29 @@ class OrthogonalAlignment(AlignmentFunction):
             return self.unstandardize(values @ q_block.T)
         standardized = self.standardize(h)
         return self.unstandardize(standardized + (values - standardized @ q_block) @ q_block.T)
+
+
+def _householder_columns(vectors: Tensor) -> Tensor:
+    """The first ``k`` columns of ``H_1 ... H_k`` for ``vectors`` ``(d, k)``: reflection ``i``
+    has the vector ``e_i + vectors[i+1:, i]`` (entries on and above the diagonal unused)."""
+    lower = vectors.tril(diagonal=-1)
+    tau = 2.0 / (1.0 + (lower * lower).sum(dim=0))
+    # H_i = I - tau_i v_i v_i^T with v_i's unit diagonal entry implied, as LAPACK stores them.
+    return torch.linalg.householder_product(lower, tau)
+
+
+def _cayley_columns(generator: Tensor) -> Tensor:
+    """The first ``k`` columns of the Cayley transform ``(I - S/2)^{-1} (I + S/2)`` of the skew
+    ``S = P E^T - E P^T`` (``P = generator``, ``(d, k)``; ``E`` the first ``k`` identity columns),
+    in ``O(d k^2)``: ``S = U V^T`` with ``U = [P, -E]``, ``V = [E, P]`` has rank ``2k``, so
+    ``(I - U V^T / 2)^{-1} = I + U (2 I - V^T U)^{-1} V^T`` (Woodbury)."""
+    width, k = generator.shape
+    eye = torch.eye(width, k, dtype=generator.dtype, device=generator.device)
+    u = torch.cat([generator, -eye], dim=1)
+    v = torch.cat([eye, generator], dim=1)
+    right = eye + 0.5 * (u @ (v.T @ eye))  # (I + S/2) E
+    small = 2.0 * torch.eye(2 * k, dtype=generator.dtype, device=generator.device) - v.T @ u
+    return right + u @ torch.linalg.solve(small, v.T @ right)
 
 
 # -- general invertible maps (docs/method.md section 2, "other alignment functions") ------------

@@ -536,12 +536,27 @@ def fit(
         optimizer = torch.optim.Adam([p for p in alignment.parameters() if p.requires_grad], lr=lr)
         stopping = _EarlyStopping(alignment, patience, min_delta, target_accuracy)
         history: list[dict[str, Any]] = []
+        validation_seconds = 0.0  # kept out of each entry's train_seconds
         stop_reason, step = "max_steps", 0
         bar = _progress_bar(steps, progress and distributed.is_main())
 
         def validate(at_step: int) -> str | None:
+            nonlocal validation_seconds
+            started = time.perf_counter()
             loss, accuracy = _validate(alignment, valid_data, valid_cache, directions, at_step, valid_prefix)
-            history.append({"step": at_step, "valid_loss": loss, "valid_accuracy": accuracy})
+            validation_seconds += time.perf_counter() - started
+            # seconds: since the fit began (set-up, training and validation);
+            # train_seconds: the same without the validations, for time-to-accuracy curves.
+            seconds = time.perf_counter() - start_time
+            history.append(
+                {
+                    "step": at_step,
+                    "valid_loss": loss,
+                    "valid_accuracy": accuracy,
+                    "seconds": seconds,
+                    "train_seconds": seconds - validation_seconds,
+                }
+            )
             values = [v for matrix in accuracy.values() for row in matrix.values() for v in row.values()]
             # refresh=False: the bar redraws at its own pace (mininterval), not at every call.
             bar.set_postfix(valid_loss=f"{loss:.3f}", valid_iia=f"{sum(values) / len(values):.3f}", refresh=False)
