@@ -51,6 +51,7 @@ from .base import (
     Replacement,
     RowReplacementHook,
     SiteError,
+    StopForward,
     check_inputs,
     explaining_inference_weights,
     gather_rows,
@@ -60,7 +61,16 @@ from .base import (
     tokens_and_mask,
     unknown_site_error,
 )
-from .resume import BlockSite, Resumer, check_prefix, find_block
+from .resume import (
+    BlockSite,
+    KeyValuePrefix,
+    Resumer,
+    check_prefix,
+    find_block,
+    hidden_of,
+    left_padded_unembedding,
+    resumed_at,
+)
 
 _SITE_PATTERN = re.compile(r"^(?P<path>.+)\.(?P<slot>output|input)(?:\[(?P<element>\d+)\])?$")
 
@@ -236,9 +246,112 @@ class NNsightAdapter:
         block_site = self._resumable(site, inputs)
         positions = self.check_inputs(inputs, positions)
         check_prefix(prefix, tuple(_tokens_and_mask(inputs)[0].shape), self._site(site, inputs).width, site)
+        if isinstance(prefix, KeyValuePrefix):
+            return self._run_from_key_values(inputs, site, prefix, positions, replace)
         replacement = RowReplacementHook(positions, replace, site, self.model, self.name)
         with explaining_inference_weights(self.model, self.name):
             return self._resumer.resume(block_site, site, prefix, replacement, self._plain_run(inputs))
+
+    # -- and the keys and values before the first changed position (Hugging Face models) ----
+
+    def supports_key_values(self, site: str) -> bool:
+        """Whether runs resumed at ``site`` can also skip the positions before the first changed one:
+        a block output of a model that takes ``past_key_values`` and has an output embedding."""
+        return self.supports_prefix(site) and self._cache_argument() is not None and self.output_module() is not None
+
+    def _cache_argument(self) -> str | None:
+        """The forward's key/value cache argument: ``cache`` (transformers >= 5.20) or ``past_key_values``."""
+        parameters = inspect.signature(self.model.forward).parameters
+        return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+    def key_value_prefix(self, inputs: ModelInputs, site: str, start: int) -> KeyValuePrefix:
+        """:meth:`prefix`'s states, and the keys and values of the blocks after ``site`` at positions
+        ``0..start-1``, from one run of the whole inputs with ``use_cache=True``, without gradient
+        (in a causal model a position's keys and values depend on none after it)."""
+        from transformers import DynamicCache
+
+        block_site = self._resumable(site, inputs)
+        self.check_inputs(inputs)
+        args, kwargs = self._call_arguments(inputs)
+        cache = DynamicCache(config=getattr(self.model, "config", None))
+        kwargs[self._cache_argument()] = cache
+        outputs: list[Any] = []
+
+        def stop(module: nn.Module, args: Any) -> None:
+            raise StopForward  # every block has run and filled the cache: the unembedding is not needed
+
+        handles = [
+            block_site.stack[block_site.index].register_forward_hook(lambda module, a, output: outputs.append(output)),
+            self.output_module().register_forward_pre_hook(stop),
+        ]
+        try:
+            with torch.no_grad(), explaining_inference_weights(self.model, self.name):
+                self._envoy.trace(*args, trace=False, use_cache=True, **kwargs)
+        except StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(outputs) != 1:
+            raise SiteError(f"{self.name}: block {block_site.index} ran {len(outputs)} times in one forward pass, not once")
+        self._resumer.learn_output(site, outputs[0])
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) != len(block_site.stack):
+            raise SiteError(
+                f"{self.name}: the model returned no per-layer key/value cache for its {len(block_site.stack)} blocks; "
+                "runs resume with every position instead"
+            )
+        later = range(block_site.index + 1, len(block_site.stack))
+        return KeyValuePrefix(
+            states=hidden_of(outputs[0]).detach(),
+            keys=tuple(layers[j].keys[:, :, :start].detach() for j in later),
+            values=tuple(layers[j].values[:, :, :start].detach() for j in later),
+            start=start,
+            first_block=block_site.index + 1,
+            n_blocks=len(block_site.stack),
+        )
+
+    def _run_from_key_values(
+        self, inputs: ModelInputs, site: str, prefix: KeyValuePrefix, positions: Tensor, replace: Replacement
+    ) -> Tensor:
+        """The resumed run over positions ``prefix.start..`` only, attending to the cached keys and values."""
+        from transformers import DynamicCache
+
+        block_site = self._resumable(site, inputs)
+        written = positions[positions >= 0]
+        if written.numel() and int(written.min()) < prefix.start:
+            raise ValueError(
+                f"{self.name}: this prefix holds keys and values up to position {prefix.start}, but the interchange "
+                f"writes position {int(written.min())}; build it with a start at or before the first written position"
+            )
+        replacement = RowReplacementHook(positions, replace, site, self.model, self.name)
+        states = replacement(prefix.states)[:, prefix.start :]
+        # The blocks up to the site are stood in for and never read their entries; each
+        # still needs one of the prefix's length, from which the model counts positions.
+        filler = prefix.states.new_zeros(prefix.states.shape[0], 1, prefix.start, 1)
+        entries = [(filler, filler)] * prefix.first_block + list(zip(prefix.keys, prefix.values))
+        cache = DynamicCache(ddp_cache_data=entries, config=getattr(self.model, "config", None))
+        args, kwargs = _positions_of_call(*self._call_arguments(inputs), slice(prefix.start, None), keep_mask=True)
+        parameters = inspect.signature(self.model.forward).parameters
+        if args and "input_ids" in parameters:  # token ids by name, so that an attention mask can go with them
+            kwargs, args = {"input_ids": args[0], **kwargs}, ()
+        if "attention_mask" not in kwargs and "attention_mask" in parameters:
+            # The whole sequence's mask: without one, input preparation (nnsight's
+            # TransformersModel) makes a mask of the suffix's length only.
+            tokens = args[0] if args else kwargs["input_ids"]
+            kwargs["attention_mask"] = torch.ones(tokens.shape[0], prefix.states.shape[1], dtype=torch.long, device=tokens.device)
+        kwargs[self._cache_argument()] = cache
+        run = lambda: self._logits_fn(self._envoy.trace(*args, trace=False, use_cache=True, **kwargs))  # noqa: E731
+        if site not in self._resumer.outputs:
+            self.prefix(inputs, site)  # once, to learn the block's output shape
+        with (
+            explaining_inference_weights(self.model, self.name),
+            left_padded_unembedding(self.output_module(), prefix.start),
+            resumed_at(block_site, states, self._resumer.outputs[site]),
+        ):
+            logits = run()
+        replacement.check_gradient_reached(logits)
+        return logits
 
     def _plain_run(self, inputs: ModelInputs) -> Callable[[], Tensor]:
         """The logits of one forward through nnsight's input preparation, as :meth:`logits` runs it."""
@@ -417,6 +530,24 @@ class NNsightAdapter:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _positions_of_call(
+    args: tuple[Any, ...], kwargs: dict[str, Any], positions: slice, keep_mask: bool
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call arguments cut to ``positions`` (dimension 1 of the tokens, the position ids, and of
+    the attention mask unless ``keep_mask``: a run after cached positions takes the whole mask)."""
+    tokens = args[0] if args else _tokens_and_mask(kwargs)[0]
+    seq = tokens.shape[1]
+
+    def cut(name: str | None, value: Any) -> Any:
+        if not isinstance(value, Tensor) or value.dim() < 2 or value.shape[1] != seq:
+            return value
+        if keep_mask and name == "attention_mask":
+            return value
+        return value[:, positions]
+
+    return tuple(cut(None, a) for a in args), {name: cut(name, value) for name, value in kwargs.items()}
 
 
 def _tokens_and_mask(inputs: ModelInputs) -> tuple[Tensor, Tensor | None]:

@@ -70,7 +70,8 @@ class _Output:
         return (hidden,) + (None,) * (self.tuple_length - 1)
 
 
-def _hidden_of(output: Any) -> Tensor:
+def hidden_of(output: Any) -> Tensor:
+    """A block output's hidden states: the output, or its element 0."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -82,7 +83,7 @@ def block_output(block_site: BlockSite, run: Callable[[], Any]) -> tuple[Tensor,
     found: list[tuple[Tensor, _Output]] = []
 
     def capture(module: nn.Module, args: Any, output: Any) -> None:
-        found.append((_hidden_of(output).detach(), _Output(output)))
+        found.append((hidden_of(output).detach(), _Output(output)))
         raise StopForward
 
     handle = block_site.stack[block_site.index].register_forward_hook(capture)
@@ -143,28 +144,34 @@ class Resumer:
     """An adapter's prefix and resumed runs; remembers how each site's block shapes its output."""
 
     def __init__(self) -> None:
-        self._outputs: dict[str, _Output] = {}
+        self.outputs: dict[str, _Output] = {}
+
+    def learn_output(self, site: str, output: Any) -> None:
+        """Remember how the block at ``site`` shapes its output (from one output of it)."""
+        self.outputs.setdefault(site, _Output(output))
 
     def prefix(self, block_site: BlockSite, site: str, run: Callable[[], Any]) -> Tensor:
         """The ``(batch, seq, width)`` states at the block's output, without gradient; ``run()`` stops there."""
-        states, self._outputs[site] = block_output(block_site, run)
+        states, self.outputs[site] = block_output(block_site, run)
         return states
 
     def resume(
         self, block_site: BlockSite, site: str, prefix: Tensor, replacement: RowReplacementHook, run: Callable[[], Tensor]
     ) -> Tensor:
         """Logits of ``run()`` resumed at the block's output: ``prefix`` with ``replacement`` applied."""
-        if site not in self._outputs:
+        if site not in self.outputs:
             self.prefix(block_site, site, run)  # once, to learn the block's output shape
         states = replacement(prefix)
-        with resumed_at(block_site, states, self._outputs[site]):
+        with resumed_at(block_site, states, self.outputs[site]):
             logits = run()
         replacement.check_gradient_reached(logits)
         return logits
 
 
-def check_prefix(prefix: Tensor, inputs_shape: tuple[int, ...], width: int, site: str) -> None:
-    """Refuse a prefix that is not ``(batch, seq, width)`` for these inputs."""
+def check_prefix(prefix: Tensor | KeyValuePrefix, inputs_shape: tuple[int, ...], width: int, site: str) -> None:
+    """Refuse a prefix that is not ``(batch, seq, width)`` for these inputs (the states of a :class:`KeyValuePrefix`)."""
+    if isinstance(prefix, KeyValuePrefix):
+        prefix = prefix.states
     if not isinstance(prefix, Tensor) or prefix.dim() != 3 or tuple(prefix.shape) != (*inputs_shape[:2], width):
         got = tuple(prefix.shape) if isinstance(prefix, Tensor) else type(prefix).__name__
         raise ValueError(
@@ -191,3 +198,77 @@ def check_resume_exact(
             "this model's later blocks depend on more than the residual stream at the site"
         )
     return difference
+
+
+# -- keys and values before the first changed position (Hugging Face caches) -------------------
+
+
+@dataclass(frozen=True)
+class KeyValuePrefix:
+    """A prefix (:meth:`prefix`'s states) with the later blocks' keys and values before ``start``.
+
+    An interchange at a block's output changes no position before the first one it
+    writes, and in a causal model nothing at a position depends on later ones: so
+    when every written position and every labelled position of a dataset is at or
+    after ``start``, each step need only run positions ``start..seq-1`` through the
+    blocks after the site, attending to the cached keys and values of the earlier
+    ones (a Hugging Face ``past_key_values`` cache), instead of all ``seq`` positions.
+    The logits before ``start`` are then zero; nothing reads them, since no label lies there.
+
+    ``keys[j]`` / ``values[j]``: ``(rows, kv_heads, start, head_dim)`` of block
+    ``first_block + j`` of the ``n_blocks`` in the stack (the blocks up to the site
+    are stood in for and never read theirs). Rows are gathered with ``[index]`` and
+    moved with ``.to(device)``, as a plain prefix tensor is.
+    """
+
+    states: Tensor
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    start: int
+    first_block: int
+    n_blocks: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.states.shape
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every per-row tensor: the states, then the keys, then the values."""
+        return (self.states, *self.keys, *self.values)
+
+    def with_tensors(self, parts: list[Tensor] | tuple[Tensor, ...]) -> KeyValuePrefix:
+        """The same prefix over other per-row tensors, in :meth:`tensors`' order."""
+        n = len(self.keys)
+        return KeyValuePrefix(parts[0], tuple(parts[1 : 1 + n]), tuple(parts[1 + n :]), self.start, self.first_block, self.n_blocks)
+
+    def __getitem__(self, index: Tensor) -> KeyValuePrefix:
+        return self.with_tensors([t[index] for t in self.tensors()])
+
+    def to(self, device: torch.device | str) -> KeyValuePrefix:
+        return self.with_tensors([t.to(device) for t in self.tensors()])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+@contextlib.contextmanager
+def left_padded_unembedding(module: nn.Module, start: int) -> Iterator[None]:
+    """Within the block, ``module`` (the unembedding) gets its ``(batch, L, width)`` input with
+    ``start`` zero rows in front, so that a run of positions ``start..`` yields logits
+    laid out as a full run's. Registered first: :func:`adapters.base.logits_only_at`
+    then gathers label positions as in a full run."""
+
+    def pad(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        key = None if args else next(iter(kwargs))
+        hidden = args[0] if args else kwargs[key]
+        padded = torch.cat([hidden.new_zeros(hidden.shape[0], start, *hidden.shape[2:]), hidden], dim=1)
+        if key is None:
+            return (padded, *args[1:]), kwargs
+        return args, {**kwargs, key: padded}
+
+    handle = module.register_forward_pre_hook(pad, with_kwargs=True, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()

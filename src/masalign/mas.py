@@ -25,6 +25,7 @@ from .alignment import make_alignment
 from .data import CounterfactualData, ModelInputs, batches, check_views, index_inputs, inputs_to, view_for
 from .logit_rows import logits_at
 from .memo import ActivationMemo
+from .rowcache import RowCache
 from .storage import FORMAT_VERSION, atomic_folder, read_save, write_json, write_tensors
 
 
@@ -159,16 +160,25 @@ class ModelAlignment(nn.Module):
         With a ``memo`` (:class:`masalign.memo.ActivationMemo`) they are read once
         per (model, site, inputs, positions) across fits and evaluations.
         """
+        return self.source_rows(model, inputs, positions, batch_size, memo).full()
+
+    def source_rows(
+        self, model: str, inputs: ModelInputs, positions: Tensor, batch_size: int = 512, memo: ActivationMemo | None = None
+    ) -> RowCache:
+        """:meth:`source_activations` as a :class:`masalign.rowcache.RowCache`: rows read on first use
+        (``fit`` reads a batch's rows when it first trains on them). Shared through ``memo``."""
         adapter, site = self.models[model], self.sites[model]
-        if memo is not None:
-            return memo.get("source", adapter, site, inputs, positions, lambda: self.source_activations(model, inputs, positions, batch_size))
-        parts = [
-            adapter.activations(inputs_to(index_inputs(inputs, index), self.device), site, positions[index].to(self.device))
-            for index in batches(positions.shape[0], batch_size)
-        ]
-        hidden = torch.cat(parts)
-        check_finite(hidden, f"activations of model {model!r} at {site!r}")
-        return hidden
+
+        @torch.no_grad()
+        def read(rows: Tensor) -> Tensor:
+            hidden = adapter.activations(inputs_to(index_inputs(inputs, rows), self.device), site, positions[rows].to(self.device))
+            check_finite(hidden, f"activations of model {model!r} at {site!r}")
+            return hidden
+
+        def make() -> RowCache:
+            return RowCache(positions.shape[0], read, batch_size)
+
+        return make() if memo is None else memo.get("source", adapter, site, inputs, positions, make)
 
     def fit_standardization(self, data: CounterfactualData, max_pairs: int = 4096, memo: ActivationMemo | None = None) -> None:
         """Set each model's ``mean`` and ``std`` from its activations at the source positions.

@@ -12,6 +12,15 @@ fails the check (or an adapter without the capability) falls back to full runs.
 Memory: ``N x seq x width`` floats of the model's dtype per target model and
 dataset, kept on the CPU (2,000 pairs of 24 tokens at width 640 in float32: 123 MB).
 Beyond ``max_bytes`` the prefix is not cached, with a warning.
+
+Positions before the first one a dataset writes or labels (:func:`suffix_start`)
+are the same in every step, at every layer. Where the adapter can
+(``supports_key_values``: the nnsight adapter on a Hugging Face model), the
+prefix also keeps the later blocks' keys and values there
+(:class:`masalign.adapters.resume.KeyValuePrefix`), and each step runs only the
+positions from that one on: for an interchange at the last token, one position
+instead of the whole prompt. It is checked against the full run like the plain
+prefix, and costs ``N x later blocks x 2 x start x kv width`` floats more.
 """
 
 from __future__ import annotations
@@ -24,9 +33,10 @@ import torch
 from torch import Tensor
 
 from .adapters.base import SiteError, tokens_and_mask
-from .adapters.resume import check_resume_exact
-from .data import CounterfactualData, ModelInputs, batches, index_inputs, inputs_to, view_for
+from .adapters.resume import KeyValuePrefix, check_resume_exact
+from .data import IGNORE_INDEX, CounterfactualData, ModelInputs, batches, index_inputs, inputs_to, view_for
 from .memo import ActivationMemo
+from .rowcache import RowCache
 
 PREFIX_CACHE_MAX_BYTES = 2 * 2**30  # per model and dataset
 
@@ -35,6 +45,24 @@ def supports_prefix(adapter: Any, site: str) -> bool:
     """Whether ``adapter`` can resume a run at ``site`` (an optional capability of adapters)."""
     supports = getattr(adapter, "supports_prefix", None)
     return callable(supports) and bool(supports(site))
+
+
+def supports_key_values(adapter: Any, site: str) -> bool:
+    """Whether ``adapter`` can also skip the positions before the first changed one (optional capability)."""
+    supports = getattr(adapter, "supports_key_values", None)
+    return callable(supports) and bool(supports(site))
+
+
+def suffix_start(positions: Tensor, labels: Tensor | None) -> int:
+    """The first position a dataset's interchange writes or its labels read: no step needs anything
+    computed anew before it. ``positions`` ``(rows, slots)`` (empty slots, -1, ignored), ``labels``
+    ``(rows, seq)`` with ``IGNORE_INDEX`` where there is none."""
+    written = positions[positions >= 0]
+    first = int(written.min()) if written.numel() else 0
+    if labels is not None:
+        labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+        first = min(first, int(labelled.min()) if labelled.numel() else 0)
+    return first
 
 
 @torch.no_grad()
@@ -47,16 +75,56 @@ def base_prefixes(
     batch_size: int = 256,
     max_bytes: int = PREFIX_CACHE_MAX_BYTES,
     model_name: str = "model",
-) -> Tensor | None:
+    start: int = 0,
+) -> Tensor | KeyValuePrefix | None:
     """``(N, seq, width)`` states at ``site`` for every row of ``inputs``, on the CPU; ``None`` where not cached.
 
+    With ``start > 0`` (:func:`suffix_start` of the dataset) and an adapter that
+    supports it, a :class:`KeyValuePrefix`: the states and the later blocks' keys
+    and values before ``start``, so that steps run positions ``start..`` only.
     ``None``, with a warning that says why, when the cache would exceed
     ``max_bytes`` or resuming at ``site`` does not reproduce the full run's logits
     on the first rows; silently when the adapter cannot resume at ``site``.
     """
+    rows = prefix_row_cache(adapter, site, inputs, positions, width, batch_size, max_bytes, model_name, start)
+    return None if rows is None else rows.full()
+
+
+@torch.no_grad()
+def prefix_row_cache(
+    adapter: Any,
+    site: str,
+    inputs: ModelInputs,
+    positions: Tensor,
+    width: int,
+    batch_size: int = 256,
+    max_bytes: int = PREFIX_CACHE_MAX_BYTES,
+    model_name: str = "model",
+    start: int = 0,
+) -> RowCache | None:
+    """:func:`base_prefixes` as a :class:`RowCache`: checked now (exactness and size, on the first
+    rows), each row computed when a step first reads it."""
     if not supports_prefix(adapter, site):
         return None
-    n = positions.shape[0]
+    n, device = positions.shape[0], adapter.device
+    first = inputs_to(index_inputs(inputs, torch.arange(min(n, 2))), device)
+    first_positions = positions[: min(n, 2)].to(device)
+    if start > 0 and supports_key_values(adapter, site):
+        try:
+            sample = _check_key_values_exact(adapter, first, site, first_positions, start)
+        except SiteError as error:
+            warnings.warn(f"model {model_name!r}: {error}; each step runs every position instead", stacklevel=4)
+        else:
+            size = sample.nbytes * n // sample.states.shape[0]
+            if size <= max_bytes:
+                return RowCache(
+                    n, lambda rows: adapter.key_value_prefix(inputs_to(index_inputs(inputs, rows), device), site, start).to("cpu"), batch_size
+                )
+            warnings.warn(
+                f"keys and values of model {model_name!r} before position {start} would take {size / 2**20:.0f} MiB "
+                f"(> {max_bytes / 2**20:.0f} MiB) for {n} rows; each step runs every position instead",
+                stacklevel=4,
+            )
     tokens, _ = tokens_and_mask(inputs)
     dtype = next(adapter.model.parameters()).dtype
     size = n * tokens.shape[1] * width * dtype.itemsize
@@ -64,48 +132,77 @@ def base_prefixes(
         warnings.warn(
             f"prefix cache of model {model_name!r} at {site!r} would take {size / 2**20:.0f} MiB "
             f"(> {max_bytes / 2**20:.0f} MiB) for {n} rows; running the whole model each step instead",
-            stacklevel=3,
+            stacklevel=4,
         )
         return None
-    device = adapter.device
-    first = index_inputs(inputs, torch.arange(min(n, 2)))
     try:
-        check_resume_exact(adapter, inputs_to(first, device), site, positions[: min(n, 2)].to(device), _unchanged)
+        check_resume_exact(adapter, first, site, first_positions, _unchanged)
     except SiteError as error:
-        warnings.warn(f"model {model_name!r}: {error}; running the whole model each step instead", stacklevel=3)
+        warnings.warn(f"model {model_name!r}: {error}; running the whole model each step instead", stacklevel=4)
         return None
-    parts = [adapter.prefix(inputs_to(index_inputs(inputs, index), device), site).cpu() for index in batches(n, batch_size)]
-    return torch.cat(parts)
+    return RowCache(n, lambda rows: adapter.prefix(inputs_to(index_inputs(inputs, rows), device), site).cpu(), batch_size)
 
 
 def _unchanged(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
     return hidden
 
 
+def _check_key_values_exact(
+    adapter: Any, inputs: ModelInputs, site: str, positions: Tensor, start: int, tolerance: float = 1e-4
+) -> KeyValuePrefix:
+    """Raise :class:`SiteError` unless the run from cached keys and values gives the full run's logits
+    at every position from ``start`` on, with an interchange that changes the written rows; returns the
+    prefix of ``inputs`` (to size the cache from)."""
+
+    def shifted(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
+        return hidden + 1.0  # a change that must reach the later positions, as an interchange's does
+
+    full = adapter.run_with_replacement(inputs, site, positions, shifted)[:, start:].detach()
+    try:
+        prefix = adapter.key_value_prefix(inputs, site, start)
+        resumed = adapter.run_from_prefix(inputs, site, prefix, positions, shifted)[:, start:].detach()
+    except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
+        raise SiteError(f"running positions {start}.. from cached keys and values failed ({type(error).__name__}: {error})") from error
+    difference = float((full.float() - resumed.float()).abs().max()) if full.shape == resumed.shape else float("inf")
+    scale = max(1.0, float(full.float().abs().max()))
+    if not difference <= tolerance * scale:
+        raise SiteError(
+            f"running positions {start}.. from cached keys and values gives logits {difference:.3g} away from the full run's"
+        )
+    return prefix
+
+
 def dataset_prefixes(
     alignment: Any, data: Mapping[str, CounterfactualData], targets: Sequence[str], memo: ActivationMemo | None = None
-) -> dict[str, dict[str, Tensor]]:
-    """variable -> target model -> :func:`base_prefixes` of its base inputs; targets that are not cached are left out.
+) -> dict[str, dict[str, RowCache]]:
+    """variable -> target model -> :func:`prefix_row_cache` of its base inputs; targets that are not cached are left out.
 
     With a ``memo`` each (model, site, base inputs) is read once across calls.
     """
-    cache: dict[str, dict[str, Tensor]] = {}
+    cache: dict[str, dict[str, RowCache]] = {}
     for variable, item in data.items():
         cache[variable] = {}
         for target in targets:
             view = view_for(item, target)
             adapter, site = alignment.models[target], alignment.sites[target]
 
-            def read(view=view, adapter=adapter, site=site, target=target) -> Tensor | None:
-                return base_prefixes(adapter, site, view.base_inputs, view.base_positions, alignment.widths[target], model_name=target)
+            start = suffix_start(view.base_positions, view.labels)
 
-            states = read() if memo is None else memo.get("prefix", adapter, site, view.base_inputs, view.base_positions, read)
+            def read(view=view, adapter=adapter, site=site, target=target, start=start) -> RowCache | None:
+                return prefix_row_cache(
+                    adapter, site, view.base_inputs, view.base_positions, alignment.widths[target], model_name=target, start=start
+                )
+
+            kind = f"prefix from {start}"  # the labels set where steps may start, so it is part of the key
+            states = read() if memo is None else memo.get(kind, adapter, site, view.base_inputs, view.base_positions, read)
             if states is not None:
                 cache[variable][target] = states
     return cache
 
 
-def prefix_rows(cache: Mapping[str, Tensor] | None, target: str, index: Tensor, device: torch.device) -> Tensor | None:
+def prefix_rows(
+    cache: Mapping[str, RowCache | Tensor] | None, target: str, index: Tensor, device: torch.device
+) -> Tensor | KeyValuePrefix | None:
     """Rows ``index`` of ``target``'s cached prefix on ``device``, or ``None`` when it has none."""
     states = (cache or {}).get(target)
     return None if states is None else states[index].to(device)

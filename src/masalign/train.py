@@ -33,6 +33,7 @@ from .mas import ModelAlignment
 from .memo import ActivationMemo
 from .objectives import Direction, Matrix, check_directions, to_matrix
 from .prefix import dataset_prefixes, prefix_rows
+from .rowcache import RowCache
 
 
 @dataclass
@@ -296,11 +297,12 @@ class _BatchSampler:
 
 def _source_cache(
     alignment: ModelAlignment, data: dict[str, CounterfactualData], sources: Sequence[str], memo: ActivationMemo | None = None
-) -> dict[str, dict[str, Tensor]]:
-    """variable -> source model -> its activations at the source positions, read once without gradient."""
+) -> dict[str, dict[str, RowCache]]:
+    """variable -> source model -> its activations at the source positions, each row read without
+    gradient when a step first needs it (:class:`masalign.rowcache.RowCache`)."""
     return {
         variable: {
-            s: alignment.source_activations(s, view_for(d, s).source_inputs, view_for(d, s).source_positions, memo=memo)
+            s: alignment.source_rows(s, view_for(d, s).source_inputs, view_for(d, s).source_positions, memo=memo)
             for s in sources
         }
         for variable, d in data.items()
@@ -318,7 +320,7 @@ def _training_step(
     alignment: ModelAlignment,
     optimizer: torch.optim.Optimizer,
     train_data: dict[str, CounterfactualData],
-    train_cache: dict[str, dict[str, Tensor]],
+    train_cache: dict[str, dict[str, RowCache]],
     directions: list[Direction],
     batch: dict[str, Tensor],
     latent: _PreparedLatents | None,
@@ -369,7 +371,7 @@ def _training_step(
 def _validate(
     alignment: ModelAlignment,
     valid_data: dict[str, CounterfactualData],
-    valid_cache: dict[str, dict[str, Tensor]],
+    valid_cache: dict[str, dict[str, RowCache]],
     directions: list[Direction],
     step: int,
     valid_prefix: dict[str, dict[str, Tensor]],
@@ -531,7 +533,8 @@ def fit(
         latent = None
         if latent_objective is not None:
             latent_variable = next(iter(train_data))
-            latent = _prepare_latents(alignment, latent_objective, train_data, train_cache[latent_variable])
+            full = {source: rows.full() for source, rows in train_cache[latent_variable].items()}
+            latent = _prepare_latents(alignment, latent_objective, train_data, full)
         sampler = _BatchSampler({v: check_views(d) for v, d in train_data.items()}, batch_size, seed)
         optimizer = torch.optim.Adam([p for p in alignment.parameters() if p.requires_grad], lr=lr)
         stopping = _EarlyStopping(alignment, patience, min_delta, target_accuracy)

@@ -1,0 +1,171 @@
+"""Steps that run only the positions from the first changed one, over cached keys and values.
+
+The nnsight adapter over Hugging Face Llama and GPT-2 (left-padded rows, attention
+masks): the run from a :class:`KeyValuePrefix` equals the full run at every
+position from its start, with its gradient; a fit with it trains as one without
+any cache; a prefix that does not reproduce the full run falls back with a
+warning; an interchange before the start is refused. And :class:`RowCache`,
+which fills the caches as ``fit`` reads them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import Tensor
+
+from masalign import CounterfactualPairs, ModelAlignment, fit
+from masalign.adapters import NNsightAdapter
+from masalign.adapters.resume import KeyValuePrefix
+from masalign.prefix import dataset_prefixes, prefix_row_cache, suffix_start
+from masalign.rowcache import RowCache
+
+from test_prefix_cache import SEQ, VOCAB, _hf_folder, _padded_inputs
+
+POSITIONS = torch.tensor([[7, 10], [8, 9], [9, 8]])
+START = 7
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def adapter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> NNsightAdapter:
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    if request.param == "gpt2":
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=3, n_head=2, bos_token_id=None, eos_token_id=None)
+        return NNsightAdapter(GPT2LMHeadModel(config).eval())
+    return NNsightAdapter(AutoModelForCausalLM.from_pretrained(_hf_folder(tmp_path_factory, "llama")).eval())
+
+
+def _site(adapter: NNsightAdapter, layer: int) -> str:
+    return next(site for site in adapter.sites() if site.endswith(f".{layer}.output") and "mlp" not in site and "attn" not in site)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_the_run_from_keys_and_values_equals_the_full_run(adapter: NNsightAdapter, layer: int) -> None:
+    site = _site(adapter, layer)
+    assert adapter.supports_key_values(site)
+    inputs = _padded_inputs("input_ids")
+    direction = torch.linspace(-1, 1, adapter.sites()[site], requires_grad=True)
+
+    def replace(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
+        return hidden + direction * (1 + slot_index[:, None])
+
+    full = adapter.run_with_replacement(inputs, site, POSITIONS, replace)
+    (full_gradient,) = torch.autograd.grad(full[:, START:].square().sum(), direction)
+    prefix = adapter.key_value_prefix(inputs, site, START)
+    assert isinstance(prefix, KeyValuePrefix) and prefix.start == START and prefix.states.shape == (3, SEQ, adapter.sites()[site])
+    resumed = adapter.run_from_prefix(inputs, site, prefix, POSITIONS, replace)
+    (resumed_gradient,) = torch.autograd.grad(resumed[:, START:].square().sum(), direction)
+    assert resumed.shape == full.shape
+    assert (resumed[:, START:] - full[:, START:]).abs().max() < 1e-5
+    assert (resumed[:, :START] == 0).all()  # never read: no label lies before the start
+    assert (resumed_gradient - full_gradient).abs().max() < 1e-4 * full_gradient.abs().max()
+
+
+def test_an_interchange_before_the_start_is_refused(adapter: NNsightAdapter) -> None:
+    site = _site(adapter, 1)
+    inputs = _padded_inputs("input_ids")
+    prefix = adapter.key_value_prefix(inputs, site, START + 2)
+    with pytest.raises(ValueError, match="up to position 9, but the interchange writes position 7"):
+        adapter.run_from_prefix(inputs, site, prefix, POSITIONS, lambda h, e, s: h)
+
+
+def _pairs(n: int, seed: int) -> CounterfactualPairs:
+    generator = torch.Generator().manual_seed(seed)
+    base = _padded_inputs("input_ids")
+    rows = torch.randint(0, 3, (n,), generator=generator)
+    labels = torch.full((n, SEQ), -100)
+    labels[:, -2:] = torch.randint(1, VOCAB, (n, 2), generator=generator)
+    return CounterfactualPairs(
+        base_inputs={key: value[rows] for key, value in base.items()},
+        source_inputs={key: value[rows.flip(0)] for key, value in base.items()},
+        base_positions=POSITIONS[rows][:, :1],
+        source_positions=POSITIONS[rows.flip(0)][:, :1],
+        labels=labels,
+    )
+
+
+def test_a_fit_over_keys_and_values_trains_as_one_without_any_cache(adapter: NNsightAdapter) -> None:
+    train, valid = _pairs(12, 0), _pairs(6, 1)
+    site = _site(adapter, 1)
+    assert suffix_start(train.base_positions, train.labels) == START
+    fitted = []
+    for prefix_cache in (False, True):
+        alignment = ModelAlignment({"A": adapter}, site, subspace_dim=4)
+        if prefix_cache:
+            cache = dataset_prefixes(alignment, {"count": train}, ["A"])["count"]["A"]
+            assert isinstance(cache[torch.arange(2)], KeyValuePrefix)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback
+            result = fit(alignment, train, valid, steps=4, batch_size=4, eval_every=2, progress=False, prefix_cache=prefix_cache)
+        fitted.append(([entry["valid_loss"] for entry in result.history], alignment.state_dict()))
+    (losses, state), (cached_losses, cached_state) = fitted
+    assert losses == pytest.approx(cached_losses, abs=1e-5)
+    for key, value in state.items():
+        assert (value - cached_state[key]).abs().max() < 1e-5, key
+
+
+def test_keys_and_values_that_do_not_reproduce_the_full_run_fall_back(adapter: NNsightAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = _site(adapter, 1)
+    data = _pairs(4, 0)
+    build = adapter.key_value_prefix
+
+    def wrong(*args: object) -> KeyValuePrefix:
+        prefix = build(*args)
+        return prefix.with_tensors([prefix.states, *(torch.zeros_like(t) for t in prefix.tensors()[1:])])
+
+    monkeypatch.setattr(adapter, "key_value_prefix", wrong)
+    with pytest.warns(UserWarning, match="cached keys and values gives logits .* away from the full run"):
+        cache = prefix_row_cache(adapter, site, data.base_inputs, data.base_positions, adapter.sites()[site], start=START)
+    assert isinstance(cache.full(), Tensor)  # the plain prefix: every position runs
+
+
+def test_a_row_cache_computes_each_row_once_and_returns_rows_in_order() -> None:
+    asked: list[list[int]] = []
+
+    def compute(rows: Tensor) -> Tensor:
+        asked.append(rows.tolist())
+        return torch.stack([rows.float(), -rows.float()], dim=1)
+
+    cache = RowCache(10, compute, batch_size=3)
+    assert cache.n_computed == 0 and not cache.complete
+    assert cache[torch.tensor([4, 1, 4])].tolist() == [[4, -4], [1, -1], [4, -4]]
+    assert asked == [[1, 4]]
+    assert cache[torch.tensor([1, 2])].tolist() == [[1, -1], [2, -2]]
+    assert asked[-1] == [2]
+    full = cache.full()
+    assert cache.complete and full[:, 0].tolist() == list(range(10))
+    assert all(len(chunk) <= 3 for chunk in asked) and sorted(sum(asked, [])) == list(range(10))
+
+
+def test_a_row_cache_keeps_key_value_prefixes() -> None:
+    def compute(rows: Tensor) -> KeyValuePrefix:
+        states = rows.float()[:, None, None].expand(-1, 5, 4).clone()
+        return KeyValuePrefix(states, (states[:, None, :2] + 1,), (states[:, None, :2] + 2,), start=2, first_block=1, n_blocks=2)
+
+    cache = RowCache(6, compute, batch_size=4)
+    rows = cache[torch.tensor([5, 0])]
+    assert isinstance(rows, KeyValuePrefix) and rows.start == 2 and rows.first_block == 1
+    assert rows.states[:, 0, 0].tolist() == [5.0, 0.0] and rows.values[0][:, 0, 0, 0].tolist() == [7.0, 2.0]
+    assert cache.full().keys[0].shape == (6, 1, 2, 4)
+
+
+def test_plain_token_inputs_through_a_transformers_model(tmp_path) -> None:
+    """Token tensors without a mask, through nnsight's TransformersModel (whose input preparation
+    would give the suffix a mask of its own length): equal to the full run from the start on."""
+    from transformer_fixtures import gpt2_through_nnsight, save_tiny_gpt2
+
+    adapter = NNsightAdapter(gpt2_through_nnsight(save_tiny_gpt2(tmp_path)))
+    site = "transformer.h.0.output"
+    tokens = torch.randint(4, 48, (3, 12), generator=torch.Generator().manual_seed(2))
+    positions = torch.tensor([[9], [10], [11]])
+
+    def replace(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
+        return hidden + 1.0
+
+    full = adapter.run_with_replacement(tokens, site, positions, replace)
+    resumed = adapter.run_from_prefix(tokens, site, adapter.key_value_prefix(tokens, site, 9), positions, replace)
+    assert (resumed[:, 9:] - full[:, 9:]).abs().max() < 1e-5
