@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .adapters import ModelAdapter
 from .adapters.base import EMPTY_SLOT, check_finite, unknown_site_error
 from .alignment import make_alignment
-from .data import CounterfactualData, ModelInputs, batches, check_views, index_inputs, inputs_to, view_for
+from .data import CounterfactualData, ModelInputs, check_views, index_inputs, inputs_to, view_for
 from .logit_rows import logits_at
 from .memo import ActivationMemo
 from .rowcache import RowCache

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .adapters.base import SiteError, tokens_and_mask
 from .adapters.resume import KeyValuePrefix, check_resume_exact
-from .data import IGNORE_INDEX, CounterfactualData, ModelInputs, batches, index_inputs, inputs_to, view_for
+from .data import IGNORE_INDEX, CounterfactualData, ModelInputs, index_inputs, inputs_to, view_for
 from .memo import ActivationMemo
 from .rowcache import RowCache
 
