@@ -680,3 +680,84 @@ def test_align_operators_large_operator_path():
     symmetric_a, symmetric_b = A + A.T, perturbation + perturbation.T
     closed_form = np.linalg.norm(np.sort(np.linalg.eigvalsh(symmetric_a)) - np.sort(np.linalg.eigvalsh(symmetric_b)))
     assert sim.align_operators(symmetric_a, symmetric_b, iters=50).euclidean == pytest.approx(closed_form, abs=1e-8)
+
+
+@pytest.mark.parametrize("n, d_x, d_y", [(300, 20, 30), (30, 40, 25)])  # feature-space and N x N routes
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_linear_cka_fast_path_rejects_non_finite_inputs(n, d_x, d_y, value):
+    # The CPU route checks finiteness from its results (a NaN or inf makes ||X_c^T X_c||_F
+    # non-finite); the error must be the boundary's, naming the argument.
+    rng = np.random.default_rng(28)
+    X, Y = random_pair(rng, n=n, d_x=d_x, d_y=d_y)
+    bad = X.copy()
+    bad[n // 2, 3] = value
+    with pytest.raises(ValueError, match="linear_cka: X contains NaN or infinite values"):
+        sim.linear_cka(bad, Y)
+    bad = Y.copy()
+    bad[1, 0] = value
+    with pytest.raises(ValueError, match="linear_cka: Y contains NaN or infinite values"):
+        sim.linear_cka(torch.tensor(X), torch.tensor(bad))
+    with pytest.raises(ValueError, match="linear_cka: Y contains NaN or infinite values"):
+        sim.linear_cka(X, bad, debiased=True)
+
+
+def _unit_pair_with_starts(A: np.ndarray, B: np.ndarray, n_restarts: int = 4):
+    a = torch.tensor(A / np.linalg.norm(A))
+    b = torch.tensor(B / np.linalg.norm(B))
+    size = a.shape[0]
+    identity = torch.eye(size, dtype=torch.float64)
+    reflection = identity.clone()
+    reflection[-1, -1] = -1.0
+    generator = torch.Generator().manual_seed(0)
+    starts = torch.cat(
+        [identity[None], reflection[None], dsa_module._eigenbasis_starts(a, b),
+         dsa_module._random_orthogonal(size, n_restarts, generator, torch.float64)]
+    )
+    return starts, a, b
+
+
+@pytest.mark.parametrize("size, iters", [(6, 60), (20, 40)])
+def test_align_operators_cpu_search_equals_torch_search(size, iters):
+    # The CPU search (scipy BLAS/LAPACK, numpy) runs the same steps as the torch search
+    # used off CPU; in float64 (no float32 phase) they agree to rounding.
+    rng = np.random.default_rng(29)
+    A, B = rng.standard_normal((size, size)), rng.standard_normal((size, size))
+    starts, a, b = _unit_pair_with_starts(A, B)
+    settings_ = {"iters": iters, "lr": 0.1, "prune_steps": {12: 4, 24: 2}, "polish_step": 1}
+    best_C_cpu, best_inner_cpu = dsa_module._search_cpu(
+        starts.numpy(), a.numpy(), b.numpy(), work_dtype=np.dtype(np.float64), **settings_
+    )
+    best_C_torch, best_inner_torch = dsa_module._search_torch(starts, a, b, work_dtype=torch.float64, **settings_)
+    np.testing.assert_allclose(best_inner_cpu, best_inner_torch.numpy(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(best_C_cpu, best_C_torch.numpy(), rtol=0, atol=1e-8)
+    # The float32 search with a float64 polish (the large-operator settings) reaches the same optimum.
+    settings_ = {"iters": 200, "lr": 0.1, "prune_steps": {60: 4, 120: 2}, "polish_step": 181}
+    _, best_cpu = dsa_module._search_cpu(
+        starts.numpy(), a.numpy(), b.numpy(), work_dtype=np.dtype(np.float32), **settings_
+    )
+    _, best_torch = dsa_module._search_torch(starts, a, b, work_dtype=torch.float32, **settings_)
+    assert best_cpu.dtype == np.float64
+    assert best_cpu.max() == pytest.approx(float(best_torch.max()), abs=1e-6)
+
+
+def test_align_operators_skips_the_search_for_exact_conjugates(monkeypatch):
+    # An eigenbasis start that recovers C to rounding ends the search (nothing can be
+    # lower than 0); the result equals that of the full search.
+    rng = np.random.default_rng(30)
+    A = rng.standard_normal((20, 20))
+    Q = random_orthogonal(rng, 20, det=-1.0)
+    calls = []
+    original = dsa_module._search_cpu
+    monkeypatch.setattr(dsa_module, "_search_cpu", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    quick = sim.align_operators(A, Q @ A @ Q.T)
+    assert calls == []
+    assert quick.angular == 0.0 and quick.euclidean < 1e-12 * np.linalg.norm(A)
+    monkeypatch.setattr(dsa_module, "_CONJUGATE_TOLERANCE", 0.0)
+    searched = sim.align_operators(A, Q @ A @ Q.T)
+    assert calls == [1]
+    assert searched.angular == 0.0
+    assert quick.euclidean <= searched.euclidean + 1e-12 * np.linalg.norm(A)
+    # Near-conjugate operators are searched as before.
+    near = sim.align_operators(A, Q @ (A + 1e-6 * rng.standard_normal((20, 20))) @ Q.T, iters=50)
+    assert calls == [1, 1]
+    assert near.euclidean < 1e-5 * np.linalg.norm(A)

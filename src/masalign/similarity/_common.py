@@ -15,8 +15,14 @@ from torch import Tensor
 ArrayLike = np.ndarray | Tensor
 
 
-def _to_tensor(data: ArrayLike, name: str, device: torch.device | None = None) -> Tensor:
-    """Convert to a floating tensor without copying when possible (never written to)."""
+def _to_tensor(
+    data: ArrayLike, name: str, device: torch.device | None = None, *, check_finite: bool = True
+) -> Tensor:
+    """Convert to a floating tensor without copying when possible (never written to).
+
+    With ``check_finite=False`` the caller must check finiteness itself (see
+    :func:`_check_finite`), e.g. from a result that is non-finite iff an input is.
+    """
     if isinstance(data, Tensor):
         tensor = data.detach()
     else:
@@ -27,9 +33,16 @@ def _to_tensor(data: ArrayLike, name: str, device: torch.device | None = None) -
         tensor = tensor.to(torch.float64)
     elif tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.to(torch.float32)
-    if not _all_finite(tensor):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    if check_finite:
+        _check_finite([tensor], [name])
     return tensor
+
+
+def _check_finite(tensors: Sequence[Tensor], names: Sequence[str]) -> None:
+    """Raise the boundary's ValueError for the first tensor with a NaN or infinite value."""
+    for tensor, name in zip(tensors, names, strict=True):
+        if not _all_finite(tensor):
+            raise ValueError(f"{name} contains NaN or infinite values")
 
 
 def _all_finite(tensor: Tensor) -> bool:
@@ -54,15 +67,21 @@ def _as_sample_matrices(
     *,
     measure: str,
     min_samples: int = 2,
+    check_finite: bool = True,
 ) -> list[Tensor]:
     """The one boundary check for paired (samples, features) matrices.
 
     Returns tensors on one device with one floating dtype. Raises ValueError when
     a matrix is not 2-D, has no features, the sample counts differ, a value is not
-    finite, or there are fewer than ``min_samples`` rows.
+    finite, or there are fewer than ``min_samples`` rows. With
+    ``check_finite=False`` the finiteness check is left to the caller
+    (:func:`_check_finite` with the names ``f"{measure}: {name}"``).
     """
     device = _common_device(arrays, names)
-    tensors = [_to_tensor(a, f"{measure}: {name}", device) for a, name in zip(arrays, names, strict=True)]
+    tensors = [
+        _to_tensor(a, f"{measure}: {name}", device, check_finite=check_finite)
+        for a, name in zip(arrays, names, strict=True)
+    ]
     for tensor, name in zip(tensors, names, strict=True):
         if tensor.ndim != 2:
             raise ValueError(

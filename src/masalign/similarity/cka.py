@@ -12,6 +12,7 @@ from ._common import (
     ArrayLike,
     _as_sample_matrices,
     _centre_columns,
+    _check_finite,
     _numpy_view,
     _reduce_width,
     _squared_distances,
@@ -142,10 +143,21 @@ def linear_cka(X: ArrayLike, Y: ArrayLike, *, debiased: bool = False) -> float:
         X or Y; not invariant to anisotropic scaling or general invertible maps.
     """
     n_needed = 4 if debiased else 2
-    X, Y = _as_sample_matrices([X, Y], ["X", "Y"], measure="linear_cka", min_samples=n_needed)
+    X, Y = _as_sample_matrices(
+        [X, Y], ["X", "Y"], measure="linear_cka", min_samples=n_needed, check_finite=False
+    )
     X_np, Y_np = _numpy_view(X), _numpy_view(Y)
-    if not debiased and X_np is not None and Y_np is not None:
-        cross_np, self_x_np, self_y_np = _linear_cka_terms_numpy(X_np, Y_np)
+    if debiased or X_np is None or Y_np is None:
+        _check_finite([X, Y], ["linear_cka: X", "linear_cka: Y"])
+    else:
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs are reported below
+            cross_np, self_x_np, self_y_np = _linear_cka_terms_numpy(X_np, Y_np)
+        if not all(math.isfinite(v) for v in (cross_np, self_x_np, self_y_np)):
+            # A NaN or inf in X (or Y) makes ||X_c^T X_c||_F (or ||Y_c^T Y_c||_F) non-finite,
+            # through the diagonal (the column sums of squares), so the boundary check
+            # runs only here, saving a pass over the inputs. (Finite values so large that
+            # the products overflow pass it and give NaN, as before.)
+            _check_finite([X, Y], ["linear_cka: X", "linear_cka: Y"])
         return _cka_ratio(
             *(torch.tensor(v, dtype=torch.float64) for v in (cross_np, self_x_np, self_y_np)), "linear_cka"
         )

@@ -9,7 +9,7 @@ share trials, lengths or widths.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -257,27 +257,203 @@ _PRUNING = ((0.3, 4), (0.6, 2))
 _POLISH_FRACTION = 0.1
 
 
+# Exactly conjugate operators (residual ||a - C b C^T||_F of the best start, unit-norm a
+# and b, at most this many units of eps * r): the start is a global optimum to rounding.
+_CONJUGATE_TOLERANCE = 1000.0
+
+
 def _cayley_update(C: Tensor, half_step: Tensor, identity: Tensor) -> Tensor:
     """C (I - W)^{-1} (I + W) for skew W (batched), exactly orthogonal for orthogonal C.
 
     Written as 2 Z - C with Z = C (I - W)^{-1}, i.e. (I + W) Z^T = C^T (as
-    (I - W)^T = I + W): one solve and no product. On CPU each system goes to
-    LAPACK's gesv directly (F-ordered views, no copies), 2-4x faster than torch's
-    or numpy's batched solve for these small systems.
+    (I - W)^T = I + W): one solve and no product. (The torch search, used off CPU.)
     """
-    if C.device.type != "cpu":
-        solved = torch.linalg.solve(identity + half_step, C.transpose(-1, -2))
-        return 2.0 * solved.transpose(-1, -2) - C
-    minus = (identity - half_step).numpy()  # row-major I - W: its transpose view is I + W
-    current = C.numpy()
-    (gesv,) = scipy.linalg.get_lapack_funcs(("gesv",), (current,))
-    updated = np.empty_like(current)
-    for index in range(current.shape[0]):
-        _, _, z_transposed, info = gesv(minus[index].T, current[index].T, overwrite_a=True)
-        if info != 0:  # I + W with W skew is never singular
-            raise RuntimeError(f"align_operators: Cayley solve failed (LAPACK info {info})")
-        np.subtract(2.0 * z_transposed.T, current[index], out=updated[index])
-    return torch.from_numpy(updated)
+    solved = torch.linalg.solve(identity + half_step, C.transpose(-1, -2))
+    return 2.0 * solved.transpose(-1, -2) - C
+
+
+def _blas_lapack(example: np.ndarray) -> tuple[Callable[..., np.ndarray], Callable[..., tuple]]:
+    """scipy's BLAS gemm and LAPACK gesv for the dtype of ``example``."""
+    (gemm,) = scipy.linalg.get_blas_funcs(("gemm",), (example,))
+    (gesv,) = scipy.linalg.get_lapack_funcs(("gesv",), (example,))
+    return gemm, gesv
+
+
+def _frames_cpu(C: np.ndarray, a: np.ndarray, gemm: Callable[..., np.ndarray]) -> np.ndarray:
+    """C_i^T a C_i for a (k, r, r) stack of C_i: one (r x r) by (r x kr) product, then one per start.
+
+    BLAS is column-major, so a C-ordered array X reaches it (as X.T, no copy) as X^T;
+    each call below computes the transpose of the product it is named after.
+    """
+    count, size = C.shape[0], C.shape[1]
+    transposed = np.ascontiguousarray(C.transpose(0, 2, 1)).reshape(count * size, size)
+    # Column-major [a C_1 | ... | a C_k]; read row-major it is the stack of (a C_i)^T.
+    a_times_c = gemm(1.0, a.T, transposed.T, trans_a=1).T.reshape(count, size, size)
+    # (a C_i)^T C_i = (C_i^T a C_i)^T.
+    return np.stack([gemm(1.0, p.T, c.T, trans_a=1, trans_b=1).T for p, c in zip(a_times_c, C, strict=True)])
+
+
+def _polar(C: np.ndarray) -> np.ndarray:
+    u, _, vh = np.linalg.svd(C)
+    return u @ vh
+
+
+def _search_cpu(
+    C: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    iters: int,
+    lr: float,
+    prune_steps: dict[int, int],
+    polish_step: int,
+    work_dtype: np.dtype,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The Riemannian Adam search of :func:`align_operators` on CPU, in numpy and scipy.
+
+    The products with a and b are one BLAS call for all starts (a (r x r) by
+    (r x k r) product), only C_i^T (a C_i) and the Cayley solve are per start; all
+    go to one BLAS (scipy's) and the elementwise work is numpy's, so no two thread
+    pools (torch's OpenMP, numpy's and scipy's OpenBLAS) compete for the cores,
+    which made the torch loop slower at 2 threads than at 1. Returns each
+    remaining start's best iterate and its objective, in the dtype of ``a``.
+    """
+    dtype = a.dtype
+    a_work, b_work = a.astype(work_dtype), b.astype(work_dtype)
+    C = C.astype(work_dtype)
+    gemm, gesv = _blas_lapack(a_work)
+    identity = np.eye(a.shape[0], dtype=work_dtype)
+    first_moment = np.zeros_like(C)
+    second_moment = np.zeros_like(C)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    best_C = C.copy()
+    best_inner = np.full(C.shape[0], -np.inf, dtype=work_dtype)
+    for step in range(1, iters + 2):
+        if step == polish_step and work_dtype != dtype:
+            # Back to the input's dtype: re-orthonormalise (polar factor) and re-score the bests.
+            work_dtype, a_work, b_work = dtype, a, b
+            gemm, gesv = _blas_lapack(a)
+            identity = np.eye(a.shape[0], dtype=dtype)
+            C, best_C = _polar(C.astype(dtype)), _polar(best_C.astype(dtype))
+            best_inner = np.einsum("kij,ij->k", _frames_cpu(best_C, a, gemm), b)
+            first_moment, second_moment = first_moment.astype(dtype), second_moment.astype(dtype)
+        # f(C) = <a, C b C^T> = <C^T a C, b>; its Riemannian gradient at C, written in
+        # the Lie algebra (C Omega), is Omega = skew(a_C b^T + a_C^T b), a_C = C^T a C.
+        a_in_frame = _frames_cpu(C, a_work, gemm)
+        inner = np.einsum("kij,ij->k", a_in_frame, b_work)
+        improved = inner > best_inner
+        best_inner = np.where(improved, inner, best_inner)
+        best_C[improved] = C[improved]
+        if step == iters + 1:
+            break
+        if step in prune_steps and C.shape[0] > prune_steps[step]:
+            # Successive halving: continue the leading starts from their current state.
+            keep = np.argsort(-inner, kind="stable")[: prune_steps[step]]
+            C, a_in_frame, best_C, best_inner = C[keep], a_in_frame[keep], best_C[keep], best_inner[keep]
+            first_moment, second_moment = first_moment[keep], second_moment[keep]
+        count, size = C.shape[0], C.shape[1]
+        # a_C b^T + a_C^T b for all starts: two products with b, accumulated in one buffer.
+        stacked = a_in_frame.reshape(count * size, size)
+        stacked_transposed = np.ascontiguousarray(a_in_frame.transpose(0, 2, 1)).reshape(count * size, size)
+        euclidean_part = gemm(1.0, b_work.T, stacked.T, trans_a=1)
+        euclidean_part = gemm(1.0, b_work.T, stacked_transposed.T, beta=1.0, c=euclidean_part, overwrite_c=1)
+        euclidean_part = euclidean_part.T.reshape(count, size, size)
+        omega = euclidean_part - euclidean_part.transpose(0, 2, 1)
+        omega *= 0.5
+        # Adam, in place: m <- beta1 m + (1 - beta1) omega, v <- beta2 v + (1 - beta2) omega^2,
+        # direction = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps); elementwise,
+        # so the step stays skew-symmetric (|omega_ij| = |omega_ji|).
+        first_moment *= beta1
+        first_moment += (1 - beta1) * omega
+        omega *= omega
+        second_moment *= beta2
+        second_moment += (1 - beta2) * omega
+        denominator = np.sqrt(second_moment)
+        denominator *= 1.0 / math.sqrt(1 - beta2**step)
+        denominator += eps
+        step_size = 0.5 * lr * (1 + math.cos(math.pi * (step - 1) / iters))
+        # I - W, W = half the Adam step. The Cayley update C (I - W)^{-1} (I + W) is
+        # 2 Z - C with (I + W) Z^T = C^T, one solve: gesv gets (I - W)^T = I + W and
+        # C^T as the transposed views of the row-major I - W and C (and overwrites I - W).
+        minus_half_step = first_moment / denominator
+        minus_half_step *= -0.5 * step_size / (1 - beta1**step)
+        minus_half_step += identity
+        updated = np.empty_like(C)
+        for index in range(count):
+            _, _, z_transposed, info = gesv(minus_half_step[index].T, C[index].T, overwrite_a=True)
+            if info != 0:  # I + W with W skew is never singular
+                raise RuntimeError(f"align_operators: Cayley solve failed (LAPACK info {info})")
+            np.subtract(2.0 * z_transposed.T, C[index], out=updated[index])
+        C = updated
+    return best_C, best_inner
+
+
+def _search_torch(
+    C: Tensor,
+    a: Tensor,
+    b: Tensor,
+    *,
+    iters: int,
+    lr: float,
+    prune_steps: dict[int, int],
+    polish_step: int,
+    work_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """The Riemannian Adam search of :func:`align_operators` in torch (off CPU).
+
+    The same steps as :func:`_search_cpu`; returns each remaining start's best
+    iterate and its objective.
+    """
+    dtype, device = a.dtype, a.device
+    identity = torch.eye(a.shape[0], dtype=dtype, device=device)
+    a_work, b_work, identity_work = a.to(work_dtype), b.to(work_dtype), identity.to(work_dtype)
+    C = C.to(work_dtype)
+    first_moment = torch.zeros_like(C)
+    second_moment = torch.zeros_like(C)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    # Adam keeps stepping near an optimum, so keep each start's best iterate.
+    best_C = C.clone()
+    best_inner = torch.full((C.shape[0],), -math.inf, dtype=work_dtype, device=device)
+    for step in range(1, iters + 2):
+        if step == polish_step and work_dtype != dtype:
+            # Back to the input's dtype: re-orthonormalise (polar factor) and re-score the bests.
+            u, _, vh = torch.linalg.svd(C.to(dtype))
+            C = u @ vh
+            u, _, vh = torch.linalg.svd(best_C.to(dtype))
+            best_C = u @ vh
+            best_inner = ((best_C.transpose(-1, -2) @ a @ best_C) * b).sum(dim=(-2, -1))
+            first_moment, second_moment = first_moment.to(dtype), second_moment.to(dtype)
+            work_dtype, a_work, b_work, identity_work = dtype, a, b, identity
+        # f(C) = <a, C b C^T> = <C^T a C, b>; its Riemannian gradient at C, written in
+        # the Lie algebra (C Omega), is Omega = skew(a_C b^T + a_C^T b), a_C = C^T a C.
+        a_in_frame = C.transpose(-1, -2) @ a_work @ C
+        inner = (a_in_frame * b_work).sum(dim=(-2, -1))
+        improved = inner > best_inner
+        best_inner = torch.where(improved, inner, best_inner)
+        best_C = torch.where(improved[:, None, None], C, best_C)
+        if step == iters + 1:
+            break
+        if step in prune_steps and C.shape[0] > prune_steps[step]:
+            # Successive halving: continue the leading starts from their current state.
+            keep = torch.argsort(inner, descending=True)[: prune_steps[step]]
+            C, a_in_frame, best_C, best_inner = C[keep], a_in_frame[keep], best_C[keep], best_inner[keep]
+            first_moment, second_moment = first_moment[keep], second_moment[keep]
+        euclidean_part = torch.baddbmm(
+            a_in_frame @ b_work.T, a_in_frame.transpose(-1, -2), b_work.expand_as(a_in_frame)
+        )
+        omega = euclidean_part - euclidean_part.transpose(-1, -2)
+        omega *= 0.5
+        # Adam, in place (the elementwise work costs as much as the products at r = 100):
+        # m <- beta1 m + (1 - beta1) omega, v <- beta2 v + (1 - beta2) omega^2,
+        # direction = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps).
+        first_moment.mul_(beta1).add_(omega, alpha=1 - beta1)
+        second_moment.mul_(beta2).addcmul_(omega, omega, value=1 - beta2)
+        # Elementwise Adam keeps the step skew-symmetric (|omega_ij| = |omega_ji|).
+        denominator = second_moment.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
+        step_size = 0.5 * lr * (1 + math.cos(math.pi * (step - 1) / iters))
+        half_step = torch.div(first_moment, denominator).mul_(0.5 * step_size / (1 - beta1**step))
+        C = _cayley_update(C, half_step, identity_work)
+    return best_C, best_inner
 
 
 def align_operators(
@@ -350,64 +526,30 @@ def align_operators(
     prune_steps = {max(1, math.ceil(fraction * iters)): keep for fraction, keep in _PRUNING} if large else {}
     polish_step = iters + 1 - max(1, math.ceil(_POLISH_FRACTION * iters)) if large else 1
     work_dtype = torch.float32 if large else dtype
-    a_work, b_work, identity_work = a.to(work_dtype), b.to(work_dtype), identity.to(work_dtype)
     # The starts, scored in the input's dtype: the eigenbasis starts are exact for
     # conjugate operators, which a float32 search would round.
     start_inner = ((C.transpose(-1, -2) @ a @ C) * b).sum(dim=(-2, -1))
     best_start = int(torch.argmax(start_inner))
     best_start_C, best_start_inner = C[best_start], start_inner[best_start]
-    C = C.to(work_dtype)
-
-    first_moment = torch.zeros_like(C)
-    second_moment = torch.zeros_like(C)
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    # Adam keeps stepping near an optimum, so keep each start's best iterate.
-    best_C = C.clone()
-    best_inner = torch.full((C.shape[0],), -math.inf, dtype=work_dtype, device=device)
-    for step in range(1, iters + 2):
-        if step == polish_step and work_dtype != dtype:
-            # Back to the input's dtype: re-orthonormalise (polar factor) and re-score the bests.
-            u, _, vh = torch.linalg.svd(C.to(dtype))
-            C = u @ vh
-            u, _, vh = torch.linalg.svd(best_C.to(dtype))
-            best_C = u @ vh
-            best_inner = ((best_C.transpose(-1, -2) @ a @ best_C) * b).sum(dim=(-2, -1))
-            first_moment, second_moment = first_moment.to(dtype), second_moment.to(dtype)
-            work_dtype, a_work, b_work, identity_work = dtype, a, b, identity
-        # f(C) = <a, C b C^T> = <C^T a C, b>; its Riemannian gradient at C, written in
-        # the Lie algebra (C Omega), is Omega = skew(a_C b^T + a_C^T b), a_C = C^T a C.
-        a_in_frame = C.transpose(-1, -2) @ a_work @ C
-        inner = (a_in_frame * b_work).sum(dim=(-2, -1))
-        improved = inner > best_inner
-        best_inner = torch.where(improved, inner, best_inner)
-        best_C = torch.where(improved[:, None, None], C, best_C)
-        if step == iters + 1:
-            break
-        if step in prune_steps and C.shape[0] > prune_steps[step]:
-            # Successive halving: continue the leading starts from their current state.
-            keep = torch.argsort(inner, descending=True)[: prune_steps[step]]
-            C, a_in_frame, best_C, best_inner = C[keep], a_in_frame[keep], best_C[keep], best_inner[keep]
-            first_moment, second_moment = first_moment[keep], second_moment[keep]
-        euclidean_part = torch.baddbmm(
-            a_in_frame @ b_work.T, a_in_frame.transpose(-1, -2), b_work.expand_as(a_in_frame)
-        )
-        omega = euclidean_part - euclidean_part.transpose(-1, -2)
-        omega *= 0.5
-        # Adam, in place (the elementwise work costs as much as the products at r = 100):
-        # m <- beta1 m + (1 - beta1) omega, v <- beta2 v + (1 - beta2) omega^2,
-        # direction = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps).
-        first_moment.mul_(beta1).add_(omega, alpha=1 - beta1)
-        second_moment.mul_(beta2).addcmul_(omega, omega, value=1 - beta2)
-        # Elementwise Adam keeps the step skew-symmetric (|omega_ij| = |omega_ji|).
-        denominator = second_moment.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
-        step_size = 0.5 * lr * (1 + math.cos(math.pi * (step - 1) / iters))
-        half_step = torch.div(first_moment, denominator).mul_(0.5 * step_size / (1 - beta1**step))
-        C = _cayley_update(C, half_step, identity_work)
-
-    best = int(torch.argmax(best_inner))
-    found = best_C[best].to(dtype)
-    if bool(best_start_inner > ((found.T @ a @ found) * b).sum()):
+    residual = float(torch.linalg.matrix_norm(a - best_start_C @ b @ best_start_C.T))
+    if residual <= _CONJUGATE_TOLERANCE * size * torch.finfo(dtype).eps:
+        # Conjugate to rounding (an eigenbasis start recovered C): the distance is 0 up
+        # to this residual, so no search can lower it by more than that; skip the search.
         found = best_start_C
+    else:
+        search_settings = {"iters": iters, "lr": lr, "prune_steps": prune_steps, "polish_step": polish_step}
+        if device.type == "cpu" and dtype in (torch.float32, torch.float64):
+            best_C_np, best_inner_np = _search_cpu(
+                C.numpy(), a.numpy(), b.numpy(), work_dtype=np.dtype(str(work_dtype).removeprefix("torch.")),
+                **search_settings,
+            )
+            best_C, best_inner = torch.from_numpy(best_C_np), torch.from_numpy(best_inner_np)
+        else:
+            best_C, best_inner = _search_torch(C, a, b, work_dtype=work_dtype, **search_settings)
+        best = int(torch.argmax(best_inner))
+        found = best_C[best].to(dtype)
+        if bool(best_start_inner > ((found.T @ a @ found) * b).sum()):
+            found = best_start_C
     # One polar step removes rounding drift accumulated over the Cayley updates.
     u, _, vh = torch.linalg.svd(found)
     orthogonal = u @ vh
