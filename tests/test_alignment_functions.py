@@ -282,3 +282,23 @@ def test_bad_parametrization_options_are_refused() -> None:
         OrthogonalAlignment(8, 2, parametrization="givens")
     with pytest.raises(ValueError, match="full_rotation=True.*takes no parametrization"):
         OrthogonalAlignment(8, 2, full_rotation=True, parametrization="cayley")
+
+
+@pytest.mark.parametrize(("kind", "options"), [("orthogonal", {}), ("elementwise_inverse", {"nonlinearity": "tanh"})])
+def test_saves_from_when_qr_was_the_default_load_with_qr(kind, options, tmp_path, monkeypatch) -> None:
+    """masalign 0.1 had only the QR retraction and did not record it; such saves must still load."""
+    torch.manual_seed(0)
+    models = {name: TorchModuleAdapter(RecurrentLM(RecurrentConfig(hidden_size=16, embedding_size=8)), name=name) for name in ("A", "B")}
+    with monkeypatch.context() as patch:
+        defaults = list(OrthogonalAlignment.__init__.__defaults__)
+        defaults[-1] = "qr"  # the 0.1 default
+        patch.setattr(OrthogonalAlignment.__init__, "__defaults__", tuple(defaults))
+        alignment = ModelAlignment(models, "rnn.h_l0", 4, alignment=kind, alignment_options=options, seed=3)
+        alignment.save(tmp_path / "saved")
+    assert "parametrization" not in alignment.alignment_options
+    loaded = ModelAlignment.load(tmp_path / "saved", models)
+    for name in models:
+        saved_state, loaded_state = alignment.alignments[name].state_dict(), loaded.alignments[name].state_dict()
+        assert any(key.endswith("raw_columns") for key in loaded_state)
+        assert saved_state.keys() == loaded_state.keys() and all(torch.equal(saved_state[k], loaded_state[k]) for k in saved_state)
+    assert OrthogonalAlignment(16, 4).parametrization == "householder"  # new maps use the new default

@@ -53,8 +53,8 @@ def test_cl_gradients_need_no_target_run(setting, monkeypatch) -> None:
     original = models["B"].run_with_replacement
     monkeypatch.setattr(models["B"], "run_with_replacement", lambda *a, **k: calls.append(1) or original(*a, **k))
     alignment = ModelAlignment(models, "rnn.h_l0", 4)
-    before = alignment.alignments["B"].raw_columns.detach().clone()
+    before = alignment.alignments["B"].basis.detach().clone()
     fit(alignment, train, valid, directions=[("A", "A")], steps=3, eval_every=3, lr=1e-2,
         latent_objective=LatentObjective([("A", "B")], targets, train.source_inputs), progress=False)
     assert not calls
-    assert not torch.equal(before, alignment.alignments["B"].raw_columns.detach())
+    assert not torch.equal(before, alignment.alignments["B"].basis.detach())

@@ -191,8 +191,26 @@ def test_fit_with_prefix_cache_trains_as_without(hf_folder: str, monkeypatch: py
         assert bool(resumed_runs) == prefix_cache
     (losses, state), (cached_losses, cached_state) = fitted
     assert losses == pytest.approx(cached_losses, abs=1e-5)
+    assert_same_subspaces(state, cached_state)
+
+
+def assert_same_subspaces(state: dict[str, Tensor], other: dict[str, Tensor], tolerance: float = 1e-4) -> None:
+    """The trained subspaces agree: the projector onto each model's aligned columns.
+
+    Not the raw parameters: the Householder parameters that rotate within the aligned
+    block do not change the interchange, so their gradient is zero up to rounding, which
+    Adam scales up to steps of size lr; they differ between two exact computations.
+    """
+    from masalign.alignment import _householder_columns
+
     for key, value in state.items():
-        assert (value - cached_state[key]).abs().max() < 1e-5, key
+        if key.endswith("generator_columns"):
+            rotation = state[key.replace("generator_columns", "initial_rotation")]
+            ours = rotation @ _householder_columns(value)
+            theirs = other[key.replace("generator_columns", "initial_rotation")] @ _householder_columns(other[key])
+            assert (ours @ ours.T - theirs @ theirs.T).abs().max() < tolerance, key
+        elif not key.endswith("initial_rotation"):
+            assert (value - other[key]).abs().max() < tolerance, key
 
 
 def test_prefixes_are_skipped_over_the_memory_budget(hf_folder: str) -> None:

@@ -135,18 +135,20 @@ class AlignmentFunction(nn.Module, metaclass=ABCMeta):
 class OrthogonalAlignment(AlignmentFunction):
     """``A(h) = Q^T (h - mu) / sigma`` with ``Q`` orthogonal (the default, docs/method.md section 2).
 
-    By default only the ``n_aligned`` columns that the variables use are stored and
-    trained: ``Q_V = qr(W).Q`` for an unconstrained ``width x n_aligned`` matrix ``W``
-    (a QR retraction onto the Stiefel manifold, ``O(d k^2)`` per step; the signs
-    are fixed so that ``R`` has a positive diagonal, which makes the map from ``W``
-    continuous). The interchange needs nothing else (docs/method.md section 3);
+    Only the ``n_aligned`` columns that the variables use are stored and trained,
+    parametrised (see ``parametrization`` below) by an unconstrained matrix, e.g.
+    ``Q_V = qr(W).Q`` for a ``width x n_aligned`` matrix ``W`` (a QR retraction onto
+    the Stiefel manifold, ``O(d k^2)`` per step; the signs are fixed so that ``R``
+    has a positive diagonal, which makes the map from ``W`` continuous). The interchange needs nothing else (docs/method.md section 3);
     ``forward`` and ``inverse`` complete the basis when the full map is asked for.
 
     ``parametrization`` chooses how the ``d x k`` columns are parametrised (all are
     ``O(d k^2)`` per step but for a ``d x d`` product with a fixed rotation):
 
-    - ``"qr"``: the QR retraction above.
-    - ``"householder"``: ``Q_V = Q_0 H_1 ... H_k E_k``, ``k`` Householder reflections
+    - ``"qr"``: the QR retraction above (the default before version 0.2; saves
+      made then load with it).
+    - ``"householder"`` (the default; it learnt fastest in
+      ``benchmarks/bench_parametrizations.py`` and ``bench_das_pyvene.py``): ``Q_V = Q_0 H_1 ... H_k E_k``, ``k`` Householder reflections
       whose vectors are the columns of an unconstrained lower-trapezoidal ``d x k``
       matrix that starts at zero, after a fixed random rotation ``Q_0`` (as
       ``torch.nn.utils.parametrizations.orthogonal`` does for a ``d x k`` weight,
@@ -170,18 +172,20 @@ class OrthogonalAlignment(AlignmentFunction):
         n_aligned: int,
         full_rotation: bool = False,
         generator: torch.Generator | None = None,
-        parametrization: str = "qr",
+        parametrization: str | None = None,
     ) -> None:
         super().__init__(width, n_aligned)
-        if parametrization not in self.PARAMETRIZATIONS:
-            raise ValueError(f"unknown parametrization {parametrization!r}; choose one of {list(self.PARAMETRIZATIONS)}")
-        if full_rotation and parametrization != "qr":
+        if full_rotation and parametrization is not None:
             raise ValueError(
                 f"full_rotation=True trains the whole rotation through a matrix exponential; it takes no "
-                f"parametrization (got {parametrization!r}): leave parametrization at its default"
+                f"parametrization (got {parametrization!r}): leave parametrization out"
             )
+        if not full_rotation:
+            parametrization = "householder" if parametrization is None else parametrization
+            if parametrization not in self.PARAMETRIZATIONS:
+                raise ValueError(f"unknown parametrization {parametrization!r}; choose one of {list(self.PARAMETRIZATIONS)}")
         self.full_rotation = full_rotation
-        self.parametrization = parametrization
+        self.parametrization = parametrization  # None for a full rotation
         if full_rotation:
             self.register_buffer("initial_rotation", torch.linalg.qr(torch.randn(width, width, generator=generator)).Q)
             self.skew = nn.Parameter(torch.zeros(width, width))

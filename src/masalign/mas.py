@@ -315,16 +315,16 @@ class ModelAlignment(nn.Module):
                 )
             if check_models and "architectures" in meta:  # legacy saves did not record them
                 check_architecture(name, meta["architectures"][name], model_architecture(adapter, site))
+        tensors = saved.tensors(TENSOR_FILE)
         alignment = cls(
             {name: models[name] for name in meta["models"]},
             meta["sites"],
             meta["subspace_dim"] if "subspace_dim" in meta else meta["subspace_dims"],
             alignment=meta["alignment"],
-            alignment_options=meta["alignment_options"],
+            alignment_options=_options_of_save(meta["alignment"], meta["alignment_options"], tensors),
             keep_complement=meta["keep_complement"],
             seed=meta["seed"],
         )
-        tensors = saved.tensors(TENSOR_FILE)
         tensor_path = Path(folder) / TENSOR_FILE
         for key, value in tensors.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
@@ -336,6 +336,20 @@ class ModelAlignment(nn.Module):
             except RuntimeError as exc:  # missing, extra or reshaped tensors
                 raise ValueError(f"{tensor_path} does not fit the alignment of model {name!r} in {METADATA_FILE}: {exc}") from exc
         return alignment.to(alignment.device)
+
+
+def _options_of_save(kind: str, options: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The alignment options a save was made with. Saves from before the orthogonal map had a
+    ``parametrization`` option (masalign 0.1) used the QR retraction, whose parameter is
+    ``raw_columns``; the default is now another, so those saves name theirs explicitly here."""
+    options = dict(options)
+    if not any(key.endswith(".raw_columns") for key in tensors):
+        return options
+    if kind == "orthogonal":
+        options.setdefault("parametrization", "qr")
+    elif kind == "elementwise_inverse" and options.get("inner", "orthogonal") == "orthogonal":
+        options["inner_options"] = {"parametrization": "qr", **dict(options.get("inner_options") or {})}
+    return options
 
 
 SAVE_KIND = "masalign.alignment"
