@@ -334,3 +334,13 @@ def test_report_plot_returns_a_figure_and_leaves_the_backend_alone(tmp_path) -> 
     html = report._repr_html_()
     assert html.count("<tr>") == 4  # header, two sources, ceiling
     assert "0.250 <small>(0.000)</small>" in html and "0.970" in html
+
+
+def test_a_model_sharded_across_devices_is_refused_with_what_to_do() -> None:
+    """A model whose parameters sit on several devices (as device_map leaves it) is not
+    supported; it must be refused up front, naming the devices, not fail mid-fit."""
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentConfig(hidden_size=8, embedding_size=4))
+    model.readout.to("meta")  # a second device that every machine has
+    with pytest.raises(ValueError, match=r"model 'A' has parameters on several devices \(cpu, meta\).*load it on one device"):
+        ModelAlignment({"A": TorchModuleAdapter(model, name="A")}, "rnn.h_l0", 2)

@@ -70,6 +70,11 @@ def run_demo(args: argparse.Namespace) -> dict:
     return write_results(out, *run_numeric_demo(args, log), args, log)
 
 
+def alignment_options(args: argparse.Namespace) -> dict:
+    """The orthogonal map's options from the demo's flags."""
+    return {"parametrization": getattr(args, "parametrization", "householder")}
+
+
 def run_numeric_demo(args: argparse.Namespace, log) -> tuple[dict, ModelAlignment, IIAReport]:
     """The reference models of the numeric task (two GRU seeds, or a GRU and a transformer)."""
     task = get_task(args.task)
@@ -94,7 +99,7 @@ def run_numeric_demo(args: argparse.Namespace, log) -> tuple[dict, ModelAlignmen
 
     log(f"[3/4] MAS at {sites}, k = {args.subspace_dim}, all four directions")
     t0 = time.perf_counter()
-    alignment = ModelAlignment(models, sites, args.subspace_dim, seed=args.seed)
+    alignment = ModelAlignment(models, sites, args.subspace_dim, seed=args.seed, alignment_options=alignment_options(args))
     result = fit(
         alignment, train, valid, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
         eval_every=args.eval_every, seed=args.seed, progress=not args.quiet,
@@ -115,6 +120,7 @@ def run_numeric_demo(args: argparse.Namespace, log) -> tuple[dict, ModelAlignmen
         "models": names,
         "seeds": {"models": {f"{a}_seed{s}": s for a, s in DEMO_PAIRS[args.pair]}, "alignment": args.seed},
         "subspace_dim": args.subspace_dim,
+        "parametrization": getattr(args, "parametrization", "householder"),
         **report.matrices(),
         "fit": result.summary(),
         "wall_seconds": times,
@@ -189,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--transformer-site", default=DEMO_SITES["transformer"], help="the transformer's site for --pair gru-transformer")
     demo.add_argument("--subspace-dim", type=positive_int, default=None, help="k (default 16)")
+    demo.add_argument(
+        "--parametrization", choices=["householder", "qr", "cayley"], default="householder",
+        help="how the orthogonal map's columns are trained (default householder; qr was the default before 0.2)",
+    )
     demo.add_argument("--steps", type=positive_int, default=None, help="most training steps, early stopping may end sooner (default 1000; 80 for pretrained-lm)")
     demo.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 5e-3; 1e-2 for pretrained-lm; the reference uses 1e-3 with more steps)")
     demo.add_argument("--batch-size", type=positive_int, default=None, help="default 128 (smaller for pretrained-lm)")

@@ -136,6 +136,15 @@ class ModelAlignment(nn.Module):
         return widths
 
     def _check_devices(self) -> None:
+        for name, adapter in self.models.items():
+            model = getattr(adapter, "model", None)
+            spread = sorted({str(p.device) for p in model.parameters()}) if isinstance(model, nn.Module) else []
+            if len(spread) > 1:
+                raise ValueError(
+                    f"model {name!r} has parameters on several devices ({', '.join(spread)}), e.g. loaded with "
+                    "device_map: a model sharded across devices is not supported yet; load it on one device "
+                    "(model.to(device), or device_map={'': device})"
+                )
         devices = {name: torch.device(adapter.device) for name, adapter in self.models.items()}
         if len(set(devices.values())) > 1:
             listing = ", ".join(f"{name} on {device}" for name, device in devices.items())

@@ -37,6 +37,11 @@ from .memo import ActivationMemo
 from .train import fit
 
 
+def _alignment_options(args: Any) -> dict[str, Any]:
+    """The orthogonal map's options from the demo's ``--parametrization``."""
+    return {"parametrization": getattr(args, "parametrization", "householder")}
+
+
 @dataclass(frozen=True)
 class DemoModel:
     """A pretrained model as the demo uses it: the backend and its block-output site."""
@@ -108,7 +113,7 @@ def run_pretrained_demo(args: Any, log: Callable[..., None]) -> tuple[dict[str, 
     for name, model in DEMO_LMS.items():
         das[name] = {}
         for layer in layers[name]:
-            alignment = ModelAlignment({name: adapters[name]}, model.site(layer), args.subspace_dim, variable=task.variable, seed=args.seed)
+            alignment = ModelAlignment({name: adapters[name]}, model.site(layer), args.subspace_dim, variable=task.variable, seed=args.seed, alignment_options=_alignment_options(args))
             fit(alignment, {name: train[name]}, {name: valid[name]}, **sweep_options)
             report = evaluate(alignment, {name: test[name]}, batch_size=evaluation_batch, memo=memo)
             das[name][str(layer)] = cell = {"iia": report.iia[name][name], "floor": report.floor[name][name]}
@@ -124,7 +129,7 @@ def run_pretrained_demo(args: Any, log: Callable[..., None]) -> tuple[dict[str, 
     for layer_a in layers[a]:
         for layer_b in layers[b]:
             sites = {a: DEMO_LMS[a].site(layer_a), b: DEMO_LMS[b].site(layer_b)}
-            alignment = ModelAlignment(adapters, sites, args.subspace_dim, variable=task.variable, seed=args.seed)
+            alignment = ModelAlignment(adapters, sites, args.subspace_dim, variable=task.variable, seed=args.seed, alignment_options=_alignment_options(args))
             fit(alignment, train, valid, directions=cross, **sweep_options)
             report = evaluate(alignment, test, directions=cross, batch_size=evaluation_batch, memo=memo)
             cell = {
@@ -146,7 +151,7 @@ def run_pretrained_demo(args: Any, log: Callable[..., None]) -> tuple[dict[str, 
     sites = {a: DEMO_LMS[a].site(best[a]), b: DEMO_LMS[b].site(best[b])}
     log(f"[5/5] MAS at {sites}, all four directions, up to {args.steps} steps")
     t0 = time.perf_counter()
-    alignment = ModelAlignment(adapters, sites, args.subspace_dim, variable=task.variable, seed=args.seed)
+    alignment = ModelAlignment(adapters, sites, args.subspace_dim, variable=task.variable, seed=args.seed, alignment_options=_alignment_options(args))
     result = fit(
         alignment, train, valid, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         eval_every=args.eval_every, seed=args.seed, progress=not args.quiet, memo=memo, standardize=True,
