@@ -256,7 +256,8 @@ class NNsightAdapter:
 
     def supports_key_values(self, site: str) -> bool:
         """Whether runs resumed at ``site`` can also skip the positions before the first changed one:
-        a block output of a model that takes ``past_key_values`` and has an output embedding."""
+        a block output of a Hugging Face model that takes a key/value cache (``cache`` or
+        ``past_key_values``) and has an output embedding."""
         return self.supports_prefix(site) and self._cache_argument() is not None and self.output_module() is not None
 
     def _cache_argument(self) -> str | None:
