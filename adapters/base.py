@@ -494,6 +494,17 @@ class StopForward(Exception):
     """Raised from inside a model's forward pass once everything to be read has been read."""
 
 
+def with_first_argument(
+    args: tuple[Any, ...], kwargs: dict[str, Any], change: Callable[[Any], Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A forward pre-hook's ``(args, kwargs)`` with the module's first argument (positional, or
+    else the first keyword) replaced by ``change(it)``."""
+    if args:
+        return (change(args[0]), *args[1:]), kwargs
+    key = next(iter(kwargs))
+    return args, {**kwargs, key: change(kwargs[key])}
+
+
 @contextlib.contextmanager
 def logits_only_at(module: nn.Module, positions: Tensor) -> Iterator[None]:
     """Within the block, ``module`` (a model's unembedding) sees only the rows at ``positions``.
@@ -507,20 +518,18 @@ def logits_only_at(module: nn.Module, positions: Tensor) -> Iterator[None]:
     """
     calls = []
 
-    def gather(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def rows_at(hidden: Any) -> Tensor:
         calls.append(None)
-        key = None if args else next(iter(kwargs))
-        hidden = args[0] if args else kwargs[key]
         if not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[0] != positions.shape[0]:
             got = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
             raise ValueError(
                 f"the unembedding got {got}, not the (batch={positions.shape[0]}, seq, width) states that logits at "
                 "chosen positions need"
             )
-        rows = hidden[torch.arange(hidden.shape[0], device=hidden.device)[:, None], positions.to(hidden.device)]
-        if key is None:
-            return (rows, *args[1:]), kwargs
-        return args, {**kwargs, key: rows}
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device)[:, None], positions.to(hidden.device)]
+
+    def gather(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return with_first_argument(args, kwargs, rows_at)
 
     handle = module.register_forward_pre_hook(gather, with_kwargs=True)
     try:

@@ -260,10 +260,14 @@ class NNsightAdapter:
         ``past_key_values``) and has an output embedding."""
         return self.supports_prefix(site) and self._cache_argument() is not None and self.output_module() is not None
 
+    @functools.cached_property
+    def _forward_parameters(self) -> Mapping[str, inspect.Parameter]:
+        """The model's forward's parameters (read once: steps ask for them)."""
+        return inspect.signature(self.model.forward).parameters
+
     def _cache_argument(self) -> str | None:
         """The forward's key/value cache argument: ``cache`` (transformers >= 5.20) or ``past_key_values``."""
-        parameters = inspect.signature(self.model.forward).parameters
-        return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+        return next((name for name in ("cache", "past_key_values") if name in self._forward_parameters), None)
 
     def key_value_prefix(self, inputs: ModelInputs, site: str, start: int) -> KeyValuePrefix:
         """:meth:`prefix`'s states, and the keys and values of the blocks after ``site`` at positions
@@ -332,15 +336,7 @@ class NNsightAdapter:
         filler = prefix.states.new_zeros(prefix.states.shape[0], 1, prefix.start, 1)
         entries = [(filler, filler)] * prefix.first_block + list(zip(prefix.keys, prefix.values))
         cache = DynamicCache(ddp_cache_data=entries, config=getattr(self.model, "config", None))
-        args, kwargs = _positions_of_call(*self._call_arguments(inputs), slice(prefix.start, None), keep_mask=True)
-        parameters = inspect.signature(self.model.forward).parameters
-        if args and "input_ids" in parameters:  # token ids by name, so that an attention mask can go with them
-            kwargs, args = {"input_ids": args[0], **kwargs}, ()
-        if "attention_mask" not in kwargs and "attention_mask" in parameters:
-            # The whole sequence's mask: without one, input preparation (nnsight's
-            # TransformersModel) makes a mask of the suffix's length only.
-            tokens = args[0] if args else kwargs["input_ids"]
-            kwargs["attention_mask"] = torch.ones(tokens.shape[0], prefix.states.shape[1], dtype=torch.long, device=tokens.device)
+        args, kwargs = _call_from(*self._call_arguments(inputs), prefix.start, self._forward_parameters)
         kwargs[self._cache_argument()] = cache
         run = lambda: self._logits_fn(self._envoy.trace(*args, trace=False, use_cache=True, **kwargs))  # noqa: E731
         if site not in self._resumer.outputs:
@@ -522,7 +518,7 @@ class NNsightAdapter:
             attention_mask is not None
             and attention_mask.shape == tokens.shape[:2]
             and "position_ids" not in kwargs
-            and "position_ids" in inspect.signature(self.model.forward).parameters
+            and "position_ids" in self._forward_parameters
         ):
             position_ids = _left_padding_position_ids(attention_mask)
             if position_ids is not None:
@@ -533,20 +529,23 @@ class NNsightAdapter:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _positions_of_call(
-    args: tuple[Any, ...], kwargs: dict[str, Any], positions: slice, keep_mask: bool
+def _call_from(
+    args: tuple[Any, ...], kwargs: dict[str, Any], start: int, parameters: Mapping[str, inspect.Parameter]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The call arguments cut to ``positions`` (dimension 1 of the tokens, the position ids, and of
-    the attention mask unless ``keep_mask``: a run after cached positions takes the whole mask)."""
+    """The call arguments for a run of positions ``start..`` after cached ones: the tokens and
+    position ids cut there, and the whole sequence's attention mask (ones where the inputs had
+    none: otherwise input preparation, as nnsight's TransformersModel does, makes a mask of the
+    suffix's length). Token ids go by name where the forward names them, so the mask can join."""
+    if args and "input_ids" in parameters:
+        args, kwargs = (), {"input_ids": args[0], **kwargs}
     tokens = args[0] if args else _tokens_and_mask(kwargs)[0]
-    seq = tokens.shape[1]
+    if "attention_mask" not in kwargs and "attention_mask" in parameters:
+        kwargs = {**kwargs, "attention_mask": torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)}
 
     def cut(name: str | None, value: Any) -> Any:
-        if not isinstance(value, Tensor) or value.dim() < 2 or value.shape[1] != seq:
+        if name == "attention_mask" or not isinstance(value, Tensor) or value.dim() < 2 or value.shape[1] != tokens.shape[1]:
             return value
-        if keep_mask and name == "attention_mask":
-            return value
-        return value[:, positions]
+        return value[:, start:]
 
     return tuple(cut(None, a) for a in args), {name: cut(name, value) for name, value in kwargs.items()}
 

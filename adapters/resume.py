@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import ModelInputs, Replacement, RowReplacementHook, SiteError, StopForward
+from .base import ModelInputs, Replacement, RowReplacementHook, SiteError, StopForward, with_first_argument
 
 
 @dataclass(frozen=True)
@@ -259,13 +259,11 @@ def left_padded_unembedding(module: nn.Module, start: int) -> Iterator[None]:
     laid out as a full run's. Registered first: :func:`adapters.base.logits_only_at`
     then gathers label positions as in a full run."""
 
+    def padded(hidden: Tensor) -> Tensor:
+        return torch.cat([hidden.new_zeros(hidden.shape[0], start, *hidden.shape[2:]), hidden], dim=1)
+
     def pad(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        key = None if args else next(iter(kwargs))
-        hidden = args[0] if args else kwargs[key]
-        padded = torch.cat([hidden.new_zeros(hidden.shape[0], start, *hidden.shape[2:]), hidden], dim=1)
-        if key is None:
-            return (padded, *args[1:]), kwargs
-        return args, {**kwargs, key: padded}
+        return with_first_argument(args, kwargs, padded)
 
     handle = module.register_forward_pre_hook(pad, with_kwargs=True, prepend=True)
     try:

@@ -46,6 +46,8 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from bench_mas import cpu_name  # noqa: E402
+
 from masalign import ModelAlignment, evaluate, fit  # noqa: E402
 from masalign.adapters import NNsightAdapter  # noqa: E402
 
@@ -171,13 +173,7 @@ def run_pyvene(
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
 
 
 def main() -> None:

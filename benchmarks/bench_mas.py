@@ -13,6 +13,7 @@ Run: ``python benchmarks/bench_mas.py [--device cuda]``
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import time
 
@@ -25,6 +26,15 @@ from masalign.data import IGNORE_INDEX
 from masalign.objectives import intervention_loss
 from masalign.models import RecurrentConfig, RecurrentLM
 from masalign.tasks import get_task
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), for benchmark records."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
 
 
 def timed(fn, repeats: int, warmup: int = 2, device: str = "cpu") -> float:

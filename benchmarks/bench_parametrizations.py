@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_mas import cpu_name
 
 from masalign import ModelAlignment, fit
 from masalign.models import DEMO_SITES, default_cache, reference_model
@@ -82,7 +84,7 @@ def main() -> None:
                 flush=True,
             )  # fmt: skip
     if args.json:
-        machine = {"cpu_count": __import__("os").cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+        machine = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
         settings = {"steps": args.steps, "eval_every": args.eval_every, "lrs": args.lrs, "threads": args.threads}
         Path(args.json).write_text(json.dumps({"settings": settings, "machine": machine, "runs": runs}, indent=1))
         print(f"wrote {args.json}")

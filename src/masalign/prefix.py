@@ -193,7 +193,8 @@ def dataset_prefixes(
                     adapter, site, view.base_inputs, view.base_positions, alignment.widths[target], model_name=target, start=start
                 )
 
-            kind = f"prefix from {start}"  # the labels set where steps may start, so it is part of the key
+            # Where keys and values are kept, the labels set where steps start: part of the key.
+            kind = f"prefix from {start}" if supports_key_values(adapter, site) else "prefix"
             states = read() if memo is None else memo.get(kind, adapter, site, view.base_inputs, view.base_positions, read)
             if states is not None:
                 cache[variable][target] = states
