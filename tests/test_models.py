@@ -24,3 +24,16 @@ def test_lstm_trains_saves_and_loads(small_task, tmp_path) -> None:
 def test_loading_a_folder_without_a_model(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="does not hold a saved masalign reference model"):
         load_model(tmp_path)
+
+
+def test_an_interrupted_training_resumes_exactly_from_its_checkpoint(small_task, tmp_path) -> None:
+    """Batches are seeded by step and the optimiser's moments are saved, so a resumed run ends where an
+    uninterrupted one does; the checkpoint left after step 4 of 7 is what a second call resumes from."""
+    config = RecurrentConfig("gru", hidden_size=16, embedding_size=8)
+    settings = dict(seed=1, steps=7, lr=1e-2, check_every=100, target_accuracy=2.0)
+    whole, _ = train_lm(small_task, config, **settings, checkpoint=tmp_path / "run", checkpoint_every=4)
+    lines: list[str] = []
+    resumed, summary = train_lm(small_task, config, **settings, checkpoint=tmp_path / "run", log=lines.append)
+    assert any("resuming" in line and "step 5" in line for line in lines) and summary.steps == 7
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name

@@ -64,3 +64,39 @@ def test_bad_task_arguments() -> None:
         get_task("counting")
     with pytest.raises(ValueError, match="unknown split"):
         get_task("multi_object").sample(3, split="test")
+
+
+def test_void_tokens_do_not_count() -> None:
+    """The reference's "_unk" sequences: voids come anywhere before T, hold no count, and every
+    count, label and counterfactual is the one the plain task gives without them."""
+    import dataclasses
+
+    from masalign.tasks import VOID
+
+    plain = get_task("multi_object")
+    task = dataclasses.replace(plain, void_p=0.2)
+    data = task.sample(400, seed=3, split="train")
+    assert 0.15 < float((data.inputs == VOID).sum() / ((data.inputs >= D0)).sum()) < 0.25
+    for row, labels in zip(data.inputs.tolist(), data.labels.tolist()):
+        row = [t for t in row if t != PAD]
+        trigger = row.index(TRIGGER)
+        assert VOID not in row[trigger:]
+        n = sum(t != VOID for t in row[1:trigger])
+        assert row[trigger + 1 : -1] == [RESPONSE] * n and [x for x in labels if x != IGNORE_INDEX] == [RESPONSE] * n + [EOS]
+        states = task.states(row)
+        assert [s.count for s in states[1:trigger] if s] == list(range(1, n + 1))
+        assert all(states[i] is None for i in range(1, trigger) if row[i] == VOID)
+    pairs = task.counterfactual_pairs(300, seed=4)
+    rows = zip(pairs.base_inputs.tolist(), pairs.source_inputs.tolist(), pairs.base_positions[:, 0].tolist(), pairs.source_positions[:, 0].tolist())
+    for base, source, p, q in rows:
+        base = [t for t in base if t != PAD]
+        trigger, written = base.index(TRIGGER), task.states(source)[q].count
+        # the count written at p goes on up by the demo tokens after p, voids left out, and down by each R
+        if p < trigger:
+            assert len(base) - trigger - 2 == written + sum(t != VOID for t in base[p + 1 : trigger])
+        else:
+            assert len(base) - p - 2 == written
+    # plain sequences are unchanged for a given seed by the new option
+    assert dataclasses.replace(task, void_p=0.0).sample(20, seed=1).inputs.equal(plain.sample(20, seed=1).inputs)
+    with pytest.raises(ValueError, match="void_p"):
+        dataclasses.replace(plain, void_p=1.0)

@@ -15,8 +15,11 @@ and saved as ``model.safetensors`` plus ``config.json``; nothing is pickled.
 from __future__ import annotations
 
 import os
+import shutil
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -26,7 +29,7 @@ from torch import nn
 from .data import IGNORE_INDEX
 from .objectives import correct_counts
 from .storage import FORMAT_VERSION, atomic_folder, read_save, write_json, write_tensors
-from .tasks import VOCAB_SIZE, NumericTask
+from .tasks import VOCAB_SIZE, VOID_VOCAB_SIZE, NumericTask
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,9 @@ def train_lm(
     check_every: int = 100,
     model: nn.Module | None = None,
     check_split: str = "held_out",
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 1000,
+    log: Callable[[str], Any] | None = None,
 ) -> tuple[nn.Module, TrainingSummary]:
     """Build and train a reference model on ``task`` (held-out counts excluded), seeded.
 
@@ -122,17 +128,28 @@ def train_lm(
     ``model`` (tokens -> logits, or an output with ``.logits``) to train your own
     architecture instead of building one from ``config``. ``check_split="train"``
     checks on the training counts instead, for models that cannot interpolate to
-    unseen counts (e.g. learned absolute position embeddings).
+    unseen counts (e.g. learned absolute position embeddings). Sequences come from
+    ``task`` as it is (with its void tokens, if any); the check uses the same task
+    without voids, the sequences the model will be aligned on.
+
+    ``checkpoint``: a folder where the model, the optimiser and the step are saved
+    every ``checkpoint_every`` steps; a run that finds one there resumes from it and
+    ends exactly where an uninterrupted run would (batches are seeded by step).
+    ``log`` receives a progress line at every check.
     """
     torch.manual_seed(seed)
     model = build_model(config, seed) if model is None else model
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    check = task.sample(1000, seed=seed + 10_000, split=check_split)
+    check = replace(task, void_p=0.0).sample(1000, seed=seed + 10_000, split=check_split)
     start = time.perf_counter()
-    loss_value, accuracy, step = float("nan"), 0.0, 0
+    loss_value, accuracy, step, first_step, seconds_before = float("nan"), 0.0, 0, 1, 0.0
+    if checkpoint is not None and (Path(checkpoint) / CHECKPOINT_FILES[0]).is_file():
+        first_step, seconds_before = _resume(Path(checkpoint), model, optimizer, scheduler, steps)
+        if log is not None:
+            log(f"    resuming from {checkpoint} at step {first_step}")
     model.train()
-    for step in range(1, steps + 1):
+    for step in range(first_step, steps + 1):
         batch = task.sample(batch_size, seed=seed * 1_000_003 + step, split="train")
         logits = _logits(model(batch.inputs))
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
@@ -148,11 +165,50 @@ def train_lm(
                 correct_trials, _, _ = correct_counts(_logits(model(check.inputs)), check.labels)
             accuracy = correct_trials / len(check)
             model.train()
+            if log is not None:
+                elapsed = seconds_before + time.perf_counter() - start
+                log(f"    step {step}: loss {loss_value:.4f}, {check_split} trial accuracy {accuracy:.3f} ({elapsed:.0f} s)")
             if accuracy >= target_accuracy:
                 break
+        if checkpoint is not None and step % checkpoint_every == 0 and step < steps:
+            _save_checkpoint(Path(checkpoint), model, optimizer, step, seconds_before + time.perf_counter() - start)
     optimizer.zero_grad(set_to_none=True)  # leave no stale gradients on the returned model
     model.eval()
-    return model, TrainingSummary(step, loss_value, accuracy, time.perf_counter() - start)
+    return model, TrainingSummary(step, loss_value, accuracy, seconds_before + time.perf_counter() - start)
+
+
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "progress.json")
+
+
+def _save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, seconds: float) -> None:
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{name}": value for index, entry in state["state"].items() for name, value in entry.items()}
+    with atomic_folder(folder, "masalign.training_checkpoint", overwrite=True, replaceable=CHECKPOINT_FILES) as temporary:
+        write_tensors(temporary / "model.safetensors", model.state_dict())
+        write_tensors(temporary / "optimizer.safetensors", tensors)
+        write_json(temporary / "progress.json", {"format_version": FORMAT_VERSION, "step": step, "seconds": seconds})
+
+
+def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, steps: int) -> tuple[int, float]:
+    saved = read_save(folder, "masalign.training_checkpoint", CHECKPOINT_FILES, "training checkpoint", "progress.json")
+    progress = saved.json("progress.json")
+    step = int(progress["step"])
+    if not 0 < step < steps:
+        raise ValueError(f"the checkpoint in {folder} is at step {step}, outside this run's 1..{steps}; delete it to start over")
+    try:
+        model.load_state_dict(saved.tensors("model.safetensors"))
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in saved.tensors("optimizer.safetensors").items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ValueError(f"the checkpoint in {folder} does not fit this model ({exc}); delete it to start over") from exc
+    with warnings.catch_warnings():  # torch warns about scheduler steps without optimiser steps
+        warnings.simplefilter("ignore")
+        for _ in range(step):  # the learning rate where the interrupted run left it
+            scheduler.step()
+    return step + 1, float(progress.get("seconds", 0.0))
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -221,14 +277,41 @@ ARCHITECTURES = tuple(DEMO_SITES)
 
 def reference_config(architecture: str) -> ModelConfig:
     """The papers' shapes: a 1-layer GRU of width 128, a 1-layer LSTM of two 64-wide cells (its
-    site ``[h; c]`` is 128 wide), or the 2-layer rotary transformer."""
+    site ``[h; c]`` is 128 wide), or the 2-layer rotary transformer (whose vocabulary has the void token)."""
     if architecture == "gru":
         return RecurrentConfig("gru", hidden_size=128, embedding_size=128)
     if architecture == "lstm":
         return RecurrentConfig("lstm", hidden_size=64, embedding_size=128)
     if architecture == "transformer":
-        return TransformerConfig()
+        return TransformerConfig(vocab_size=VOID_VOCAB_SIZE)
     raise ValueError(f"unknown reference architecture {architecture!r}; choose one of {list(ARCHITECTURES)}")
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How a reference model is trained (:func:`train_lm`'s settings)."""
+
+    steps: int
+    lr: float
+    void_p: float = 0.0  # void tokens in the training sequences' demo phase
+    target_accuracy: float = 0.995
+    check_every: int = 100
+
+
+REFERENCE_RECIPES = {
+    "gru": TrainingRecipe(steps=3000, lr=3e-3),
+    "lstm": TrainingRecipe(steps=3000, lr=3e-3),
+    # The reference's transformers: lr 5e-4, batch 128, about 20,000 steps, void tokens
+    # with probability 0.2 (its "_unk" models, the ones it aligned).
+    "transformer": TrainingRecipe(steps=20_000, lr=5e-4, void_p=0.2, target_accuracy=0.99, check_every=250),
+}
+
+
+def reference_folder(architecture: str, task_name: str, seed: int, cache: str | Path | None = None) -> Path:
+    """Where :func:`reference_model` keeps a trained reference model."""
+    recipe = REFERENCE_RECIPES[architecture] if architecture in REFERENCE_RECIPES else None
+    voids = f"-void{recipe.void_p:g}" if recipe is not None and recipe.void_p else ""
+    return Path(cache if cache is not None else default_cache()) / f"{task_name}-{architecture}128{voids}-seed{seed}"
 
 
 def reference_model(
@@ -248,7 +331,7 @@ def reference_model(
     from .tasks import get_task
 
     config = reference_config(architecture)
-    folder = Path(cache if cache is not None else default_cache()) / f"{task_name}-{architecture}128-seed{seed}"
+    folder = reference_folder(architecture, task_name, seed, cache)
     if folder.exists():
         log(f"  reusing {folder}")
         try:
@@ -260,14 +343,24 @@ def reference_model(
             ) from error
         info = {"cached": True, "folder": str(folder)}
     else:
-        log(f"  training {architecture} seed {seed} on {task_name} ...")
-        model, summary = train_lm(get_task(task_name), config, seed=seed)
+        recipe = REFERENCE_RECIPES[architecture]
+        log(f"  training {architecture} seed {seed} on {task_name} ({recipe.steps} steps at most) ...")
+        # A checkpoint beside the folder: an interrupted training resumes where it stopped.
+        checkpoint = folder.parent / f"{folder.name}.training"
+        model, summary = train_lm(
+            replace(get_task(task_name), void_p=recipe.void_p), config, seed=seed, steps=recipe.steps, lr=recipe.lr,
+            target_accuracy=recipe.target_accuracy, check_every=recipe.check_every, checkpoint=checkpoint, log=log,
+        )
         save_model(model, folder)
+        shutil.rmtree(checkpoint, ignore_errors=True)
         log(
             f"  done in {summary.seconds:.0f}s ({summary.steps} steps, held-out accuracy "
             f"{summary.check_trial_accuracy:.3f}); saved to {folder}"
         )
-        info = {"cached": False, "folder": str(folder), "training_seconds": summary.seconds, "training_steps": summary.steps}
+        info = {
+            "cached": False, "folder": str(folder), "training_seconds": summary.seconds, "training_steps": summary.steps,
+            "held_out_trial_accuracy": summary.check_trial_accuracy,
+        }
     name = f"{architecture}_seed{seed}"
     if architecture in ("gru", "lstm"):
         return TorchModuleAdapter(model, name=name), info

@@ -9,6 +9,11 @@ A sequence is ``B, n demo tokens, T, n response tokens R, E`` with ``n`` in
 - Multi-Object Mod / Round (the papers' other tasks): as Multi-Object, but the
   trigger maps the count to ``n mod 4`` / ``n`` rounded to the nearest multiple of
   3, and the response has that many R tokens (:meth:`NumericTask.at_trigger`).
+- Void tokens (``void_p``, the reference's "_unk" variant its transformers were
+  trained on): each demo-phase token is, with probability ``void_p``, a void token
+  ``V`` that does not count. Position then no longer equals count, so a model cannot
+  solve the task by reading positions. Models trained with voids still read plain
+  sequences, and alignment data has none (as in the reference).
 
 The causal model "count up, count down": ``count += 1`` per demo token, ``count -= 1``
 per response token; the next token is ``R`` while ``count > 0``, then ``E``. The
@@ -29,9 +34,12 @@ from .data import IGNORE_INDEX, CounterfactualPairs, LabelledSequences, ModelInp
 if TYPE_CHECKING:
     from .latents import LatentTargets
 
-PAD, BOS, TRIGGER, EOS, RESPONSE, D0, D1, D2 = range(8)
-VOCAB = ("PAD", "B", "T", "E", "R", "D0", "D1", "D2")
-VOCAB_SIZE = len(VOCAB)
+PAD, BOS, TRIGGER, EOS, RESPONSE, D0, D1, D2, VOID = range(9)
+VOCAB = ("PAD", "B", "T", "E", "R", "D0", "D1", "D2", "V")
+# Models trained without void tokens (the RNNs, as in the reference) read the first 8
+# tokens only; keeping their size at 8 keeps the cached models and their seeds valid.
+VOCAB_SIZE = 8
+VOID_VOCAB_SIZE = len(VOCAB)
 HELD_OUT_COUNTS = (4, 9, 14, 17)
 
 
@@ -57,8 +65,11 @@ class NumericTask:
     # ``n`` rounded to the nearest multiple of 3 (Multi-Object Round).
     modulus: int | None = None
     round_to: int | None = None
+    void_p: float = 0.0  # probability that a demo-phase token is the non-counting void token V
 
     def __post_init__(self) -> None:
+        if isinstance(self.void_p, bool) or not isinstance(self.void_p, (int, float)) or not 0 <= self.void_p < 1:
+            raise ValueError(f"{self.name}: void_p must be a probability in [0, 1), got {self.void_p!r}")
         if self.modulus is not None and self.round_to is not None:
             raise ValueError(f"{self.name}: give modulus or round_to, not both")
         for name in ("modulus", "round_to"):
@@ -101,7 +112,19 @@ class NumericTask:
         raise ValueError(f"unknown split {split!r}; use 'train', 'held_out', 'all' or a list of counts")
 
     def sequence(self, n: int, rng: random.Random) -> list[int]:
-        demo = [rng.choice(self.demo_tokens) for _ in range(n)]
+        if self.void_p:
+            # As the reference generates them: each demo-phase token is a void with probability
+            # void_p, else T once n demo tokens are out, else a demo token.
+            demo = []
+            while True:
+                if rng.random() < self.void_p:
+                    demo.append(VOID)
+                elif len(demo) - demo.count(VOID) >= n:
+                    break
+                else:
+                    demo.append(rng.choice(self.demo_tokens))
+        else:  # no extra draws: plain sequences stay what they were for a given seed
+            demo = [rng.choice(self.demo_tokens) for _ in range(n)]
         return [BOS, *demo, TRIGGER, *([self.response_token] * self.at_trigger(n)), EOS]
 
     def states(self, tokens: Sequence[int]) -> list[CausalState | None]:
@@ -148,7 +171,7 @@ class NumericTask:
         if state.phase == "demo":
             trigger = list(tokens).index(TRIGGER)
             remaining_demo = list(tokens[position + 1 : trigger])
-            count += len(remaining_demo)
+            count += sum(token in self.demo_tokens for token in remaining_demo)  # voids do not count
             return prefix + remaining_demo + [TRIGGER] + [self.response_token] * self.at_trigger(count) + [EOS]
         return prefix + [self.response_token] * count + [EOS]
 
@@ -228,7 +251,7 @@ class NumericTask:
             counterfactual = self.continuation(base, p, new_count)
             # The demo phase's final count must stay in the range the models were trained on.
             trigger = list(base).index(TRIGGER)
-            final_count = new_count + (trigger - p - 1)
+            final_count = new_count + sum(token in self.demo_tokens for token in base[p + 1 : trigger])
             if base_states[p].phase == "demo" and not 1 <= final_count <= self.max_count:  # type: ignore[union-attr]
                 continue
             trigger = counterfactual.index(TRIGGER)
