@@ -92,12 +92,13 @@ def run_numeric_demo(args: argparse.Namespace, log) -> tuple[dict, ModelAlignmen
     times["models"] = time.perf_counter() - started
 
     log("[2/4] counterfactual pairs for 'count'")
-    train = task.counterfactual_pairs(args.train_pairs, seed=args.seed + 1)
-    valid = task.counterfactual_pairs(args.valid_pairs, seed=args.seed + 2)
-    test = task.counterfactual_pairs(args.test_pairs, seed=args.seed + 3)
+    protocol = args.protocol or DEMO_PROTOCOLS[args.pair]
+    train = task.counterfactual_pairs(args.train_pairs, seed=args.seed + 1, protocol=protocol)
+    valid = task.counterfactual_pairs(args.valid_pairs, seed=args.seed + 2, protocol=protocol)
+    test = task.counterfactual_pairs(args.test_pairs, seed=args.seed + 3, protocol=protocol)
     ceiling_data = task.sample(args.test_pairs, seed=args.seed + 4, split="held_out")
 
-    log(f"[3/4] MAS at {sites}, k = {args.subspace_dim}, all four directions")
+    log(f"[3/4] MAS at {sites}, {protocol} protocol, k = {args.subspace_dim}, all four directions")
     t0 = time.perf_counter()
     alignment = ModelAlignment(models, sites, args.subspace_dim, seed=args.seed, alignment_options=alignment_options(args))
     result = fit(
@@ -117,6 +118,7 @@ def run_numeric_demo(args: argparse.Namespace, log) -> tuple[dict, ModelAlignmen
         "pair": args.pair,
         "sites": sites,
         "variable": "count",
+        "protocol": protocol,
         "models": names,
         "seeds": {"models": {f"{a}_seed{s}": s for a, s in DEMO_PAIRS[args.pair]}, "alignment": args.seed},
         "subspace_dim": args.subspace_dim,
@@ -141,6 +143,12 @@ def write_results(out: Path, document: dict, alignment: ModelAlignment, report: 
     log(f"\nwrote {out / 'report.json'}, {out / 'iia.png'} and {out / 'alignment'}/ in {document['wall_seconds']['total']:.0f}s")
     return document
 
+
+# The numeric pairs' interchange protocol: one position suits recurrent hidden states; a
+# transformer's count at one position is not where its later positions read it, so the
+# GRU-transformer pair intervenes on the whole prefix (the reference's protocol for
+# transformers; examples/cross_architecture_grid.py measures both).
+DEMO_PROTOCOLS = {"gru-gru": "single", "gru-lstm": "single", "gru-transformer": "stepwise"}
 
 # Settings of the pretrained-LM demo where they differ from the numeric demo's defaults.
 PRETRAINED_PAIR = "pretrained-lm"
@@ -194,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         "digit, its first digit, or the comma after it",
     )
     demo.add_argument("--transformer-site", default=DEMO_SITES["transformer"], help="the transformer's site for --pair gru-transformer")
+    demo.add_argument(
+        "--protocol", choices=["single", "stepwise"], default=None,
+        help="numeric pairs: intervene at one position per sequence, or on the whole prefix up to it, in order "
+        "(default: stepwise for gru-transformer, single otherwise)",
+    )
     demo.add_argument("--subspace-dim", type=positive_int, default=None, help="k (default 16)")
     demo.add_argument(
         "--parametrization", choices=["householder", "qr", "cayley"], default="householder",
@@ -220,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return convert_gguf_command(args.model, args.out, args.overwrite)
     if args.command == "demo":
+        if args.pair == PRETRAINED_PAIR and args.protocol is not None:
+            parser.error("--protocol applies to the numeric pairs; the pretrained-lm demo intervenes where --lm-position says")
         apply_pair_defaults(args)
         run_demo(args)
     return 0
