@@ -47,7 +47,7 @@ def small_models(task: NumericTask, seed: int = 0) -> dict:
     return adapters, accuracy
 
 
-def run(full: bool, steps: int, subspace_dim: int, seed: int = 0, protocol: str = "single") -> dict:
+def run(full: bool, steps: int, subspace_dim: int, seed: int = 0, protocol: str = "single", transformer_site: str | None = None) -> dict:
     torch.manual_seed(seed)
     if full:
         task = get_task("multi_object")
@@ -57,6 +57,8 @@ def run(full: bool, steps: int, subspace_dim: int, seed: int = 0, protocol: str 
         task = NumericTask("multi_object_small", (D0, D1, D2), max_count=8, held_out_counts=(3, 6))
         adapters, accuracy = small_models(task, seed)
     sites = {name: DEMO_SITES[name] for name in ARCHITECTURES}
+    if transformer_site is not None:
+        sites["transformer"] = transformer_site
     n_train, n_test = (10_000, 2_000) if full else (3_000, 500)
     train, valid, test = (
         task.counterfactual_pairs(n, seed=seed + s, protocol=protocol) for n, s in ((n_train, 1), (300, 2), (n_test, 3))
@@ -105,9 +107,11 @@ def main() -> None:
     parser.add_argument("--subspace-dim", type=int, default=16)
     parser.add_argument("--protocol", default="single", choices=("single", "stepwise"),
                         help="intervene at one position, or on the whole prefix up to it (the reference's transformer protocol)")
+    parser.add_argument("--transformer-site", default=None,
+                        help=f"the transformer's site (default {DEMO_SITES['transformer']}; hook_embed is where a prefix's count transfers)")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
-    result = run(args.full, args.steps, args.subspace_dim, protocol=args.protocol)
+    result = run(args.full, args.steps, args.subspace_dim, protocol=args.protocol, transformer_site=args.transformer_site)
     if result["model_accuracy"]:
         print("model accuracy (check split):", {m: round(a, 3) for m, a in result["model_accuracy"].items()})
     print("DAS within each model (MAS diagonal): " + ", ".join(f"{m} {v:.3f}" for m, v in result["das"].items()))

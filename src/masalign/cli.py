@@ -81,18 +81,18 @@ def run_numeric_demo(args: argparse.Namespace, log) -> tuple[dict, ModelAlignmen
     started = time.perf_counter()
     times: dict[str, float] = {}
 
+    protocol = args.protocol or DEMO_PROTOCOLS[args.pair]
     log(f"[1/4] reference models ({args.pair} on {args.task})")
     models, model_info, sites = {}, {}, {}
     for architecture, seed in DEMO_PAIRS[args.pair]:
         adapter, info = reference_model(architecture, args.task, seed, Path(args.cache), log)
         name = f"{architecture}_seed{seed}"
         models[name], model_info[name] = adapter, info
-        sites[name] = args.transformer_site if architecture == "transformer" else DEMO_SITES[architecture]
+        sites[name] = (args.transformer_site or DEMO_TRANSFORMER_SITES[protocol]) if architecture == "transformer" else DEMO_SITES[architecture]
     names = list(models)
     times["models"] = time.perf_counter() - started
 
     log("[2/4] counterfactual pairs for 'count'")
-    protocol = args.protocol or DEMO_PROTOCOLS[args.pair]
     train = task.counterfactual_pairs(args.train_pairs, seed=args.seed + 1, protocol=protocol)
     valid = task.counterfactual_pairs(args.valid_pairs, seed=args.seed + 2, protocol=protocol)
     test = task.counterfactual_pairs(args.test_pairs, seed=args.seed + 3, protocol=protocol)
@@ -149,6 +149,11 @@ def write_results(out: Path, document: dict, alignment: ModelAlignment, report: 
 # GRU-transformer pair intervenes on the whole prefix (the reference's protocol for
 # transformers; examples/cross_architecture_grid.py measures both).
 DEMO_PROTOCOLS = {"gru-gru": "single", "gru-lstm": "single", "gru-transformer": "stepwise"}
+# The transformer's site per protocol: the count of a whole prefix transfers through the
+# token embeddings (the reference: "transformers need the embedding layer, intervened
+# stepwise"); one position's embedding holds no count, so one position uses the
+# residual stream between the two blocks.
+DEMO_TRANSFORMER_SITES = {"stepwise": "hook_embed", "single": DEMO_SITES["transformer"]}
 
 # Settings of the pretrained-LM demo where they differ from the numeric demo's defaults.
 PRETRAINED_PAIR = "pretrained-lm"
@@ -201,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         "position that predicts an answer token (default; answers of one length, e.g. 10..98), the last number's last "
         "digit, its first digit, or the comma after it",
     )
-    demo.add_argument("--transformer-site", default=DEMO_SITES["transformer"], help="the transformer's site for --pair gru-transformer")
+    demo.add_argument(
+        "--transformer-site", default=None,
+        help=f"the transformer's site for --pair gru-transformer (default {DEMO_TRANSFORMER_SITES['stepwise']} stepwise, "
+        f"{DEMO_TRANSFORMER_SITES['single']} with --protocol single)",
+    )
     demo.add_argument(
         "--protocol", choices=["single", "stepwise"], default=None,
         help="numeric pairs: intervene at one position per sequence, or on the whole prefix up to it, in order "
