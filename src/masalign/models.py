@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .data import IGNORE_INDEX
+from .arithmetic import ArithmeticTask
 from .objectives import correct_counts
 from .storage import FORMAT_VERSION, atomic_folder, read_save, write_json, write_tensors
 from .tasks import VOCAB_SIZE, VOID_VOCAB_SIZE, NumericTask
@@ -111,7 +112,7 @@ def build_model(config: ModelConfig, seed: int = 0) -> nn.Module:
 
 
 def train_lm(
-    task: NumericTask,
+    task: NumericTask | ArithmeticTask,
     config: ModelConfig = RecurrentConfig(),
     seed: int = 0,
     steps: int = 3000,
@@ -132,7 +133,8 @@ def train_lm(
     ``model`` (tokens -> logits, or an output with ``.logits``) to train your own
     architecture instead of building one from ``config``. ``check_split="train"``
     checks on the training counts instead, for models that cannot interpolate to
-    unseen counts (e.g. learned absolute position embeddings). Sequences come from
+    unseen counts (e.g. learned absolute position embeddings). The Arithmetic task
+    has no held-out split: it checks on fresh sequences. Sequences come from
     ``task`` as it is (with its void tokens, if any); the check uses the same task
     without voids, the sequences the model will be aligned on.
 
@@ -145,7 +147,10 @@ def train_lm(
     model = build_model(config, seed) if model is None else model
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    check = replace(task, void_p=0.0).sample(1000, seed=seed + 10_000, split=check_split)
+    # Tasks without held-out counts (Arithmetic) sample without a split and check on fresh sequences.
+    has_splits = isinstance(task, NumericTask)
+    check = replace(task, void_p=0.0).sample(1000, seed=seed + 10_000, split=check_split) if has_splits else task.sample(1000, seed=seed + 10_000)
+    check_split = check_split if has_splits else "fresh"
     start = time.perf_counter()
     loss_value, accuracy, step, first_step, seconds_before = float("nan"), 0.0, 0, 1, 0.0
     if checkpoint is not None and (Path(checkpoint) / CHECKPOINT_FILES[0]).is_file():
@@ -154,7 +159,8 @@ def train_lm(
             log(f"    resuming from {checkpoint} at step {first_step}")
     model.train()
     for step in range(first_step, steps + 1):
-        batch = task.sample(batch_size, seed=seed * 1_000_003 + step, split="train")
+        batch_seed = seed * 1_000_003 + step
+        batch = task.sample(batch_size, seed=batch_seed, split="train") if has_splits else task.sample(batch_size, seed=batch_seed)
         logits = _logits(model(batch.inputs))
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX)
         optimizer.zero_grad()
