@@ -37,3 +37,10 @@ def test_an_interrupted_training_resumes_exactly_from_its_checkpoint(small_task,
     assert any("resuming" in line and "step 5" in line for line in lines) and summary.steps == 7
     for name, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_a_checkpoint_of_another_training_is_not_resumed(small_task, tmp_path) -> None:
+    config = RecurrentConfig("gru", hidden_size=16, embedding_size=8)
+    train_lm(small_task, config, seed=1, steps=5, lr=1e-2, target_accuracy=2.0, checkpoint=tmp_path / "run", checkpoint_every=2)
+    with pytest.raises(ValueError, match="other lr, seed.*delete it to start over"):
+        train_lm(small_task, config, seed=2, steps=5, lr=3e-3, target_accuracy=2.0, checkpoint=tmp_path / "run")

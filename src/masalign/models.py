@@ -12,8 +12,8 @@ Both are next-token models over the task vocabulary, trained by :func:`train_lm`
 and saved as ``model.safetensors`` plus ``config.json``; nothing is pickled.
 :func:`reference_model` trains each architecture with its recipe
 (:data:`REFERENCE_RECIPES`): the transformer as the reference trains it (void tokens
-with probability 0.2, lr 5e-4, batch 128, at most 20,000 steps), which is what makes
-it solve the held-out counts.
+with probability 0.2, lr 5e-4, batch 128, at most 20,000 steps); it solves the
+held-out counts.
 """
 
 from __future__ import annotations
@@ -153,8 +153,11 @@ def train_lm(
     check_split = check_split if has_splits else "fresh"
     start = time.perf_counter()
     loss_value, accuracy, step, first_step, seconds_before = float("nan"), 0.0, 0, 1, 0.0
+    # What a checkpoint must have been written with to be resumed by this call.
+    settings = {"task": repr(task), "config": repr(config) if model is None else type(model).__name__, "seed": seed,
+                "steps": steps, "batch_size": batch_size, "lr": lr}
     if checkpoint is not None and (Path(checkpoint) / CHECKPOINT_FILES[0]).is_file():
-        first_step, seconds_before = _resume(Path(checkpoint), model, optimizer, scheduler, steps)
+        first_step, seconds_before = _resume(Path(checkpoint), model, optimizer, scheduler, settings)
         if log is not None:
             log(f"    resuming from {checkpoint} at step {first_step}")
     model.train()
@@ -181,7 +184,7 @@ def train_lm(
             if accuracy >= target_accuracy:
                 break
         if checkpoint is not None and step % checkpoint_every == 0 and step < steps:
-            _save_checkpoint(Path(checkpoint), model, optimizer, step, seconds_before + time.perf_counter() - start)
+            _save_checkpoint(Path(checkpoint), model, optimizer, step, seconds_before + time.perf_counter() - start, settings)
     optimizer.zero_grad(set_to_none=True)  # leave no stale gradients on the returned model
     model.eval()
     return model, TrainingSummary(step, loss_value, accuracy, seconds_before + time.perf_counter() - start)
@@ -190,21 +193,30 @@ def train_lm(
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "progress.json")
 
 
-def _save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, seconds: float) -> None:
+def _save_checkpoint(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, seconds: float, settings: dict[str, Any]
+) -> None:
     state = optimizer.state_dict()
     tensors = {f"{index}.{name}": value for index, entry in state["state"].items() for name, value in entry.items()}
     with atomic_folder(folder, "masalign.training_checkpoint", overwrite=True, replaceable=CHECKPOINT_FILES) as temporary:
         write_tensors(temporary / "model.safetensors", model.state_dict())
         write_tensors(temporary / "optimizer.safetensors", tensors)
-        write_json(temporary / "progress.json", {"format_version": FORMAT_VERSION, "step": step, "seconds": seconds})
+        write_json(temporary / "progress.json", {"format_version": FORMAT_VERSION, "step": step, "seconds": seconds, "settings": settings})
 
 
-def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, steps: int) -> tuple[int, float]:
+def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, settings: dict[str, Any]) -> tuple[int, float]:
     saved = read_save(folder, "masalign.training_checkpoint", CHECKPOINT_FILES, "training checkpoint", "progress.json")
     progress = saved.json("progress.json")
+    written_with = progress.get("settings", {})
+    differ = sorted(k for k in settings if written_with.get(k) != settings[k])
+    if differ:  # resuming another run's state would give a model no single run produces
+        raise ValueError(
+            f"the checkpoint in {folder} was written by a training with other {', '.join(differ)} "
+            f"({', '.join(f'{k}={written_with.get(k)!r}' for k in differ)}); delete it to start over, or pass the same settings"
+        )
     step = int(progress["step"])
-    if not 0 < step < steps:
-        raise ValueError(f"the checkpoint in {folder} is at step {step}, outside this run's 1..{steps}; delete it to start over")
+    if not 0 < step < settings["steps"]:
+        raise ValueError(f"the checkpoint in {folder} is at step {step}, outside this run's 1..{settings['steps']}; delete it to start over")
     try:
         model.load_state_dict(saved.tensors("model.safetensors"))
         state: dict[int, dict[str, torch.Tensor]] = {}
