@@ -88,15 +88,18 @@ def cross_task_pairs(
 
 
 def _gather(pools: list[CounterfactualPairs], picks: list[tuple[int, int]], variable: str) -> CounterfactualPairs:
-    rows = [pools[pool].subset(torch.tensor([row])) for pool, row in picks]
-    width = {field: max(getattr(r, field).shape[1] for r in rows) for field in ("base_inputs", "source_inputs", "labels")}
+    """The picked ``(pool, row)`` pairs: the pools padded to one width and joined, then indexed once."""
 
-    def stack(field: str, fill: int) -> torch.Tensor:
-        return torch.cat([torch.nn.functional.pad(getattr(r, field), (0, width[field] - getattr(r, field).shape[1]), value=fill) for r in rows])
+    def joined(field: str, fill: int) -> torch.Tensor:
+        width = max(getattr(pool, field).shape[1] for pool in pools)
+        return torch.cat([torch.nn.functional.pad(getattr(pool, field), (0, width - getattr(pool, field).shape[1]), value=fill) for pool in pools])
 
-    pad = 0  # both tasks pad with token 0
-    return CounterfactualPairs(
-        stack("base_inputs", pad), stack("source_inputs", pad),
-        torch.cat([r.base_positions for r in rows]), torch.cat([r.source_positions for r in rows]),
-        stack("labels", IGNORE_INDEX), variable,
+    offsets = [0]
+    for pool in pools[:-1]:
+        offsets.append(offsets[-1] + len(pool))
+    rows = torch.tensor([offsets[pool] + row for pool, row in picks])
+    every = CounterfactualPairs(  # both tasks pad with token 0
+        joined("base_inputs", 0), joined("source_inputs", 0), joined("base_positions", 0), joined("source_positions", 0),
+        joined("labels", IGNORE_INDEX), variable,
     )
+    return every.subset(rows)
