@@ -564,3 +564,36 @@ def check_finite(tensor: Tensor, what: str) -> None:
             f"{what} contains {n_bad} NaN or inf values; check the model's inputs and weights "
             "(and the standardisation statistics if standardize=True)"
         )
+
+
+def parameter_devices(model: nn.Module) -> list[torch.device]:
+    """The devices that hold ``model``'s parameters and buffers, in order of first use; several
+    for a model sharded across devices (``device_map``, TransformerLens's ``n_devices``)."""
+    seen: dict[torch.device, None] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        seen.setdefault(tensor.device, None)
+    return list(seen)
+
+
+def module_device(model: nn.Module, module_path: str, fallback: torch.device) -> torch.device:
+    """Where the module at ``module_path`` (or its closest ancestor that holds weights) computes.
+
+    accelerate's dispatch hook names the device a module runs on, whatever holds
+    its weights (offloaded weights sit on the CPU and run on the GPU); otherwise
+    a module runs where its own parameters are. A path that names no module
+    (a TransformerLens hook point's parent, a root-level site) falls back to
+    its ancestors, then to ``fallback``.
+    """
+    parts = module_path.split(".") if module_path else []
+    for end in range(len(parts), -1, -1):
+        try:
+            module = model.get_submodule(".".join(parts[:end]))
+        except AttributeError:
+            continue
+        execution = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if execution is not None:
+            return torch.device("cuda", execution) if isinstance(execution, int) else torch.device(execution)
+        own = next(iter((*module.parameters(recurse=True), *module.buffers(recurse=True))), None)
+        if own is not None and own.device.type != "meta":
+            return own.device
+    return fallback

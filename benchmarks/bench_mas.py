@@ -7,12 +7,13 @@
    interchange forward+backward on a batch of 128 vectors, parametrisation
    included.
 
-Run: ``python benchmarks/bench_mas.py [--device cuda]``
+Run: ``python benchmarks/bench_mas.py [--device cuda] [--json PATH]``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -53,7 +54,7 @@ def timed(fn, repeats: int, warmup: int = 2, device: str = "cpu") -> float:
     return statistics.median(times)
 
 
-def bench_training_step(device: str, repeats: int) -> None:
+def bench_training_step(device: str, repeats: int) -> dict:
     task = get_task("multi_object")
     pairs = task.counterfactual_pairs(128, seed=0).to(device)
     models = {}
@@ -91,11 +92,14 @@ def bench_training_step(device: str, repeats: int) -> None:
     print(f"  plain forward+backward of the target    {plain * 1e3:8.2f} ms   1.00x")
     print(f"  MAS step, one direction (A->B)          {one * 1e3:8.2f} ms   {one / plain:5.2f}x")
     print(f"  MAS step, all four directions           {four * 1e3:8.2f} ms   {four / plain:5.2f}x  ({four / plain / 4:.2f}x per direction)")
+    return {"plain_ms": plain * 1e3, "one_direction_ms": one * 1e3, "four_directions_ms": four * 1e3,
+            "one_direction_ratio": one / plain, "four_directions_ratio": four / plain}
 
 
-def bench_low_rank_vs_full(device: str, repeats: int) -> None:
+def bench_low_rank_vs_full(device: str, repeats: int) -> dict:
     print(f"\ninterchange forward+backward, batch 128, k=16, {device}: low-rank d x k columns vs full d x d rotation")
     print(f"  {'d':>5}  {'low-rank':>10}  {'full':>10}  {'full / low-rank':>16}")
+    rows = {}
     for width in (128, 1024, 4096):
         source_h = torch.randn(128, width, device=device)
         target_h = torch.randn(128, width, device=device)
@@ -113,16 +117,27 @@ def bench_low_rank_vs_full(device: str, repeats: int) -> None:
             slow = full and width >= 4096 and device == "cpu"
             results[full] = timed(step, 1 if slow else repeats, warmup=0 if slow else 1, device=device)
         print(f"  {width:>5}  {results[False] * 1e3:8.2f}ms  {results[True] * 1e3:8.1f}ms  {results[True] / results[False]:15.0f}x")
+        rows[str(width)] = {"low_rank_ms": results[False] * 1e3, "full_ms": results[True] * 1e3, "ratio": results[True] / results[False]}
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    bench_training_step(args.device, args.repeats)
-    bench_low_rank_vs_full(args.device, args.repeats)
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
+    print(f"device {args.device}: {machine}")
+    results = {
+        "device": args.device, "machine": machine, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "training_step": bench_training_step(args.device, args.repeats),
+        "low_rank_vs_full": bench_low_rank_vs_full(args.device, args.repeats),
+    }
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
 
 
 if __name__ == "__main__":

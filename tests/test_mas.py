@@ -153,10 +153,11 @@ def test_subspace_larger_than_a_width(adapters) -> None:
         ModelAlignment(adapters, "rnn.h_l0", 49)
 
 
-def test_models_on_different_devices(trained_grus) -> None:
+def test_a_model_without_weights_is_refused(trained_grus) -> None:
+    """Models may sit on different devices, but one on the meta device holds no values to align."""
     meta_model = RecurrentLM(RecurrentConfig(hidden_size=48, embedding_size=32)).to("meta")
     models = {"A": TorchModuleAdapter(trained_grus["A"]), "B": TorchModuleAdapter(meta_model)}
-    with pytest.raises(ValueError, match="one device.*A on cpu, B on meta"):
+    with pytest.raises(ValueError, match="model 'B' has parameters on the meta device.*load its weights"):
         ModelAlignment(models, "rnn.h_l0", 4)
 
 

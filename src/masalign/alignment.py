@@ -79,6 +79,11 @@ class AlignmentFunction(nn.Module, metaclass=ABCMeta):
         """JSON-serialisable constructor arguments (the rest is in ``state_dict``)."""
         return {"width": self.width, "n_aligned": self.n_aligned}
 
+    @property
+    def device(self) -> torch.device:
+        """Where the map's tensors are (its buffers exist for every kind of map)."""
+        return self.mean.device
+
     # -- the map ----------------------------------------------------------------------
 
     def set_standardization(self, mean: Tensor, std: Tensor, min_std: float = 1e-6) -> None:

@@ -61,6 +61,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     check_writable(Path(args.cache), "--cache")
     log = print if not args.quiet else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
+    check_device(args.device)
     if args.pair == PRETRAINED_PAIR:
         from .pretrained_demo import plot_layer_sweep, run_pretrained_demo
 
@@ -68,6 +69,19 @@ def run_demo(args: argparse.Namespace) -> dict:
         plot_layer_sweep(document, out / "layer_sweep.png")
         return write_results(out, document, alignment, report, args, log)
     return write_results(out, *run_numeric_demo(args, log), args, log)
+
+
+def check_device(device: str) -> torch.device:
+    """``--device`` as a torch device, or a clear error before any work is done."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise SystemExit(f"--device {device!r} is not a device torch knows ({error}); use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return parsed
 
 
 def alignment_options(args: argparse.Namespace) -> dict:
@@ -86,6 +100,7 @@ def run_numeric_demo(args: argparse.Namespace, log) -> tuple[dict, ModelAlignmen
     models, model_info, sites = {}, {}, {}
     for architecture, seed in DEMO_PAIRS[args.pair]:
         adapter, info = reference_model(architecture, args.task, seed, Path(args.cache), log)
+        adapter.model.to(args.device)  # the adapters follow their model's device
         name = f"{architecture}_seed{seed}"
         models[name], model_info[name] = adapter, info
         sites[name] = (args.transformer_site or DEMO_TRANSFORMER_SITES[protocol]) if architecture == "transformer" else DEMO_SITES[architecture]
@@ -129,8 +144,17 @@ def run_numeric_demo(args: argparse.Namespace, log) -> tuple[dict, ModelAlignmen
         "model_info": model_info,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": device_description(args.device),
     }
     return document, alignment, report
+
+
+def device_description(device: str) -> str:
+    """``cpu``, or the GPU's name after the device (``cuda:0 (NVIDIA H100 80GB HBM3)``), for reports."""
+    parsed = torch.device(device)
+    if parsed.type != "cuda":
+        return str(parsed)
+    return f"{parsed} ({torch.cuda.get_device_name(parsed)})"
 
 
 def write_results(out: Path, document: dict, alignment: ModelAlignment, report: IIAReport, args: argparse.Namespace, log) -> dict:
@@ -229,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--valid-pairs", type=positive_int, default=None, help="default 500 (smaller for pretrained-lm)")
     demo.add_argument("--test-pairs", type=positive_int, default=None, help="default 2000 (smaller for pretrained-lm)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the alignment and the pairs")
+    demo.add_argument(
+        "--device", default="cpu",
+        help="where the models run: cpu (default; the README's numbers), cuda or cuda:N (the alignment maps follow)",
+    )
     demo.add_argument("--cache", default=str(default_cache()), help="where trained reference models are kept")
     demo.add_argument("--quiet", action="store_true")
     demo.add_argument("--overwrite", action="store_true", help="replace the results already in --out")

@@ -70,8 +70,8 @@ def interchange_scores(
         view = view_for(data, source)
         cache[source] = alignment.source_activations(source, view.source_inputs, view.source_positions)
     scores = {}
-    device = alignment.device
     for source, target in directions:
+        device = alignment.input_device(target)
         view = view_for(data, target)
         trials = tokens = label_tokens = 0
         loss_sum = 0.0
@@ -82,17 +82,17 @@ def interchange_scores(
             if len(rows) == 0:  # more processes than rows in this batch
                 continue
             logit_positions, labels = label_slots(view.labels[rows])
-            labels = labels.to(device)
             logits = alignment.intervened_logits(
                 source,
                 target,
-                cache[source][rows].to(device),
+                cache[source][rows].to(alignment.alignments[source].device),
                 inputs_to(index_inputs(view.base_inputs, rows), device),
                 view.base_positions[rows].to(device),
                 variable,
                 prefix_rows(prefix_cache, target, rows, device),
                 logit_positions.to(device),
             )
+            labels = labels.to(logits.device)
             t, k, m = correct_counts(logits, labels)
             trials, tokens, label_tokens = trials + t, tokens + k, label_tokens + m
             loss = distributed.loss_share(logits, labels, view.labels[index]) if shard else intervention_loss(logits, labels)

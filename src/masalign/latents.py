@@ -215,9 +215,10 @@ def cl_loss(intervened: Tensor, natural: Tensor, kind: str = "mse_cosine", mask:
     if mask is not None:
         if mask.shape != intervened.shape[:-1]:
             raise ValueError(f"mask has shape {tuple(mask.shape)}; it must be one flag per row, {tuple(intervened.shape[:-1])}")
-        intervened, natural = intervened[mask.to(torch.bool)], natural[mask.to(torch.bool)]
+        mask = mask.to(intervened.device, torch.bool)
+        intervened, natural = intervened[mask], natural[mask]
     intervened = intervened.reshape(-1, intervened.shape[-1])
-    natural = natural.reshape(-1, natural.shape[-1]).to(intervened.dtype)
+    natural = natural.reshape(-1, natural.shape[-1]).to(intervened.device, intervened.dtype)
     if intervened.shape[0] == 0:
         # A sum over no elements: exactly 0, on the graph, and never NaN.
         return intervened.sum()

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import ModelAdapter
-from .adapters.base import EMPTY_SLOT, check_finite, unknown_site_error
+from .adapters.base import EMPTY_SLOT, check_finite, module_device, parameter_devices, unknown_site_error
 from .alignment import make_alignment
 from .data import CounterfactualData, ModelInputs, check_views, index_inputs, inputs_to, view_for
 from .logit_rows import logits_at
@@ -73,8 +73,11 @@ class ModelAlignment(nn.Module):
         seed: initialisation seed.
         variable: the variable's name when ``subspace_dim`` is an int.
 
-    Every model must be on the same device. ``k`` (all blocks together) must not
-    exceed any model's width at its site.
+    Models may sit on different devices, and one model may be sharded across
+    several (loaded with ``device_map``): each model's alignment function lives on
+    the device of its site (:meth:`site_device`), coordinates move between devices
+    as the interchange needs them, and gradients follow. ``k`` (all blocks
+    together) must not exceed any model's width at its site.
     """
 
     def __init__(
@@ -122,7 +125,7 @@ class ModelAlignment(nn.Module):
             self.alignments[name] = make_alignment(
                 alignment, self.widths[name], self.n_aligned, generator=generator, **self.alignment_options
             )
-        self.to(self.device)
+        self.place_on_site_devices()
 
     # -- set-up checks -------------------------------------------------------------------
 
@@ -138,20 +141,45 @@ class ModelAlignment(nn.Module):
     def _check_devices(self) -> None:
         for name, adapter in self.models.items():
             model = getattr(adapter, "model", None)
-            spread = sorted({str(p.device) for p in model.parameters()}) if isinstance(model, nn.Module) else []
-            if len(spread) > 1:
+            if isinstance(model, nn.Module) and any(d.type == "meta" for d in parameter_devices(model)):
                 raise ValueError(
-                    f"model {name!r} has parameters on several devices ({', '.join(spread)}), e.g. loaded with "
-                    "device_map: a model sharded across devices is not supported yet; load it on one device "
-                    "(model.to(device), or device_map={'': device})"
+                    f"model {name!r} has parameters on the meta device, which hold no values (a model built with "
+                    "device='meta' or loaded with low_cpu_mem_usage and never filled); load its weights first"
                 )
-        devices = {name: torch.device(adapter.device) for name, adapter in self.models.items()}
-        if len(set(devices.values())) > 1:
-            listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
-            raise ValueError(f"all models must be on one device; got {listing}. Move them with model.to(device)")
+
+    def site_device(self, name: str) -> torch.device:
+        """The device where model ``name``'s activations at its site are: its alignment function lives there.
+
+        An adapter may say so itself (``adapter.site_device(site)``); otherwise it is
+        the device of the module that computes the site (for a model sharded with
+        ``device_map``, that module's shard), else the model's input device.
+        """
+        adapter, site = self.models[name], self.sites[name]
+        own = getattr(adapter, "site_device", None)
+        if callable(own):
+            return torch.device(own(site))
+        model = getattr(adapter, "model", None)
+        if not isinstance(model, nn.Module):
+            return torch.device(adapter.device)
+        return module_device(model, site, torch.device(adapter.device))
+
+    def input_device(self, name: str) -> torch.device:
+        """Where model ``name`` takes its inputs (its first shard's device)."""
+        return torch.device(self.models[name].device)
+
+    def place_on_site_devices(self) -> ModelAlignment:
+        """Move each alignment function to its site's device (:meth:`site_device`).
+
+        Done on construction and on :meth:`load`; call it again after moving a model
+        (``model.to("cuda")``) once the alignment exists, before training it.
+        """
+        for name, alignment in self.alignments.items():
+            alignment.to(self.site_device(name))
+        return self
 
     @property
     def device(self) -> torch.device:
+        """The first model's input device (each model's own: :meth:`input_device`, :meth:`site_device`)."""
         return torch.device(next(iter(self.models.values())).device)
 
     @property
@@ -180,7 +208,8 @@ class ModelAlignment(nn.Module):
 
         @torch.no_grad()
         def read(rows: Tensor) -> Tensor:
-            hidden = adapter.activations(inputs_to(index_inputs(inputs, rows), self.device), site, positions[rows].to(self.device))
+            device = adapter.device
+            hidden = adapter.activations(inputs_to(index_inputs(inputs, rows), device), site, positions[rows].to(device))
             check_finite(hidden, f"activations of model {model!r} at {site!r}")
             return hidden
 
@@ -238,7 +267,7 @@ class ModelAlignment(nn.Module):
                 f"source activations have width {source_hidden.shape[-1]} but model {source!r} has width "
                 f"{self.widths[source]} at {self.sites[source]!r}"
             )
-        values = source_alignment.coordinates(source_hidden, block)  # (batch, n_slots, k)
+        values = source_alignment.coordinates(source_hidden.to(source_alignment.device), block)  # (batch, n_slots, k)
 
         def replace(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
             if hidden.shape[-1] != target_alignment.width:
@@ -246,8 +275,12 @@ class ModelAlignment(nn.Module):
                     f"model {target!r} produced width {hidden.shape[-1]} at {self.sites[target]!r}, but its alignment "
                     f"was made for width {target_alignment.width}"
                 )
-            new_values = values[example_index, slot_index]
-            return target_alignment.substitute(hidden, block, new_values.to(hidden.dtype), self.keep_complement)
+            # Rows go to the map's device and back (no-ops when, as placed, the site is there):
+            # the copies are differentiable, so gradients reach the maps wherever they are.
+            where = target_alignment.device
+            new_values = values[example_index.to(values.device), slot_index.to(values.device)].to(where, hidden.dtype)
+            changed = target_alignment.substitute(hidden.to(where), block, new_values, self.keep_complement)
+            return changed.to(hidden.device)
 
         adapter, site = self.models[target], self.sites[target]
 
@@ -344,7 +377,7 @@ class ModelAlignment(nn.Module):
                 a.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
             except RuntimeError as exc:  # missing, extra or reshaped tensors
                 raise ValueError(f"{tensor_path} does not fit the alignment of model {name!r} in {METADATA_FILE}: {exc}") from exc
-        return alignment.to(alignment.device)
+        return alignment.place_on_site_devices()
 
 
 def _options_of_save(kind: str, options: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adapters.base import SiteError, tokens_and_mask
+from .adapters.base import SiteError, parameter_devices, tokens_and_mask
 from .adapters.resume import KeyValuePrefix, check_resume_exact
 from .data import IGNORE_INDEX, CounterfactualData, ModelInputs, index_inputs, inputs_to, view_for
 from .memo import ActivationMemo
@@ -105,6 +105,10 @@ def prefix_row_cache(
     """:func:`base_prefixes` as a :class:`RowCache`: checked now (exactness and size, on the first
     rows), each row computed when a step first reads it."""
     if not supports_prefix(adapter, site):
+        return None
+    if len(parameter_devices(adapter.model)) > 1:
+        # A model sharded across devices: its later blocks' states and keys would need
+        # each block's own device. Each step runs the whole model instead (exact, slower).
         return None
     n, device = positions.shape[0], adapter.device
     first = inputs_to(index_inputs(inputs, torch.arange(min(n, 2))), device)

@@ -81,7 +81,7 @@ def run_pretrained_demo(args: Any, log: Callable[..., None]) -> tuple[dict[str, 
     adapters, tokenizers, info = {}, {}, {}
     for name, model in DEMO_LMS.items():
         t0 = time.perf_counter()
-        adapters[name], tokenizers[name] = load_pretrained(model.pretrained, model.backend, name=name)
+        adapters[name], tokenizers[name] = load_pretrained(model.pretrained, model.backend, name=name, device=getattr(args, "device", "cpu"))
         info[name] = {"pretrained": model.pretrained, "backend": model.backend, "load_seconds": time.perf_counter() - t0}
         log(f"  {name}: {model.pretrained} through {model.backend} ({info[name]['load_seconds']:.0f}s)")
     times["models"] = time.perf_counter() - started
@@ -179,6 +179,7 @@ def run_pretrained_demo(args: Any, log: Callable[..., None]) -> tuple[dict[str, 
         "seeds": {"alignment": args.seed},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": str(getattr(args, "device", "cpu")),
     }
     return document, alignment, report, result
 

@@ -183,7 +183,7 @@ def _check_vocabulary(alignment: ModelAlignment, data: dict[str, CounterfactualD
         for item in data.values():
             view = view_for(item, target)
             with torch.no_grad():
-                logits = alignment.models[target].logits(inputs_to(index_inputs(view.base_inputs, torch.arange(1)), alignment.device))
+                logits = alignment.models[target].logits(inputs_to(index_inputs(view.base_inputs, torch.arange(1)), alignment.input_device(target)))
             view.check_vocabulary(logits.shape[-1], f"model {target!r}")
             if logits.shape[1] != view.labels.shape[1]:
                 raise ValueError(
@@ -208,8 +208,10 @@ class _PreparedLatents:
     keep_complement: bool
 
     def intervened(self, alignment: ModelAlignment, source: str, target: str, index: Tensor) -> Tensor:
+        # Each model's tensors are kept on its map's device; coordinates cross over.
         values = alignment.alignments[source].coordinates(self.source_hidden[source][index], self.block)
-        return alignment.alignments[target].substitute(self.base_hidden[target][index], self.block, values, self.keep_complement)
+        target_map = alignment.alignments[target]
+        return target_map.substitute(self.base_hidden[target][index], self.block, values.to(target_map.device), self.keep_complement)
 
 
 def _prepare_latents(
@@ -230,7 +232,6 @@ def _prepare_latents(
         raise ValueError(f"the CL weight must be >= 0, got {objective.weight}")
     if any(view_for(data, m).base_positions.shape[1] != 1 for d in directions for m in d):
         raise ValueError("the CL loss supports one intervention slot per pair")
-    device = alignment.device
     source_hidden: dict[str, Tensor] = {}
     base_hidden: dict[str, Tensor] = {}
     natural: dict[str, Tensor] = {}
@@ -240,16 +241,16 @@ def _prepare_latents(
             cached = source_cache.get(source)
             if cached is None:
                 cached = alignment.source_activations(source, view.source_inputs, view.source_positions)
-            source_hidden[source] = cached[:, 0].to(device)
+            source_hidden[source] = cached[:, 0].to(alignment.alignments[source].device)
         if target not in base_hidden:
-            view = view_for(data, target)
+            view, device = view_for(data, target), alignment.alignments[target].device
             base_hidden[target] = alignment.source_activations(target, view.base_inputs, view.base_positions)[:, 0].to(device)
             pool = objective.pool_inputs[target] if isinstance(objective.pool_inputs, dict) else objective.pool_inputs
             natural[target] = natural_latents(alignment.models[target], alignment.sites[target], pool, objective.targets).to(device)
             check_finite(natural[target], f"counterfactual latents of model {target!r}")
     return _PreparedLatents(
         variable, directions, alignment.block(variable), source_hidden, base_hidden, natural,
-        objective.targets.found.to(device), objective.weight, objective.kind, alignment.keep_complement,
+        objective.targets.found, objective.weight, objective.kind, alignment.keep_complement,
     )
 
 
@@ -328,7 +329,6 @@ def _training_step(
     train_prefix: dict[str, dict[str, Tensor]],
 ) -> float:
     """One optimiser step on the summed loss over variables and directions; returns that loss."""
-    device = alignment.device
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for variable, item in train_data.items():
@@ -339,17 +339,18 @@ def _training_step(
                 break
             view = view_for(item, target)
             logit_positions, labels = label_slots(view.labels[index])
+            device = alignment.input_device(target)
             logits = alignment.intervened_logits(
                 source,
                 target,
-                train_cache[variable][source][index].to(device),
+                train_cache[variable][source][index].to(alignment.alignments[source].device),
                 inputs_to(index_inputs(view.base_inputs, index), device),
                 view.base_positions[index].to(device),
                 variable,
                 prefix_rows(train_prefix[variable], target, index, device),
                 logit_positions.to(device),
             )
-            losses.append(distributed.loss_share(logits, labels.to(device), view.labels[batch[variable]]))
+            losses.append(distributed.loss_share(logits, labels.to(logits.device), view.labels[batch[variable]]))
             # One backward per direction frees its graph at once; the gradients
             # add up exactly as for the summed loss.
             losses[-1].backward()
