@@ -597,3 +597,35 @@ def module_device(model: nn.Module, module_path: str, fallback: torch.device) ->
         if own is not None and own.device.type != "meta":
             return own.device
     return fallback
+
+
+@contextlib.contextmanager
+def recurrent_layers_ready_for_backward(model: nn.Module) -> Iterator[None]:
+    """Let gradients flow back through the model's fused RNNs on a GPU while it stays in eval mode.
+
+    cuDNN keeps what an RNN's backward needs only in training mode ("cudnn RNN backward
+    can only be called in training mode"), but an interchange's loss must flow back
+    through the target's recurrence, which must not be trained or dropped out. An RNN
+    without inter-layer dropout computes the same in both modes, so it is switched to
+    training mode for the forward pass; one with dropout runs without cuDNN instead
+    (the native kernels differentiate in eval mode). Nothing changes on a CPU, without
+    gradients, or for modules already training.
+    """
+    switched: list[nn.RNNBase] = []
+    needs_native = False
+    if torch.is_grad_enabled():
+        for module in model.modules():
+            if not isinstance(module, nn.RNNBase) or module.training or not module.weight_ih_l0.is_cuda:
+                continue
+            if module.dropout and module.num_layers > 1:
+                needs_native = True
+            else:
+                switched.append(module)
+    for module in switched:
+        module.training = True  # this module only, not its children (an RNN has none)
+    try:
+        with torch.backends.cudnn.flags(enabled=False) if needs_native else contextlib.nullcontext():
+            yield
+    finally:
+        for module in switched:
+            module.training = False

@@ -57,6 +57,7 @@ from .base import (
     gather_rows,
     logits_from_output,
     probing,
+    recurrent_layers_ready_for_backward,
     site_did_not_run,
     tokens_and_mask,
     unknown_site_error,
@@ -206,7 +207,7 @@ class NNsightAdapter:
         target = self._envoy.get(spec.module_path)
         replacement = RowReplacementHook(positions, replace, site, self.model, self.name)
         with _counting_calls(self.model.get_submodule(spec.module_path), self.name, site) as calls:
-            with explaining_inference_weights(self.model, self.name), self._envoy.trace(*args, **kwargs):
+            with explaining_inference_weights(self.model, self.name), recurrent_layers_ready_for_backward(self.model), self._envoy.trace(*args, **kwargs):
                 value = target.output if spec.slot == "output" else target.input
                 new_value = _with_element(value, spec.element, replacement(_element_of(value, spec.element)))
                 if spec.slot == "output":

@@ -58,6 +58,7 @@ from .base import (
     explaining_inference_weights,
     logits_from_output,
     probing,
+    recurrent_layers_ready_for_backward,
     tokens_and_mask,
     unknown_site_error,
 )
@@ -181,7 +182,8 @@ class TorchModuleAdapter:
     ) -> Tensor:
         spec, positions = self._prepare(inputs, site, positions)
         run = self._site_run(spec, inputs, positions, replace, stop_when_done=False)
-        logits = self._logits_fn(run.forward(lambda: self._call(inputs)))
+        with recurrent_layers_ready_for_backward(self._model):
+            logits = self._logits_fn(run.forward(lambda: self._call(inputs)))
         run.check_complete()
         run.observed.check_gradient_reached(logits)
         return logits

@@ -72,7 +72,9 @@ def bench_training_step(device: str, repeats: int) -> dict:
 
     for p in target.parameters():
         p.requires_grad_(True)
+    target.train()  # a plain training step (the GRU has no dropout); cuDNN differentiates RNNs in training mode only
     plain = timed(plain_step, repeats, device=device)
+    target.eval()
     for adapter in models.values():
         for p in adapter.model.parameters():
             p.requires_grad_(False)

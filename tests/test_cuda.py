@@ -193,9 +193,11 @@ def test_a_half_precision_model_keeps_float32_maps_and_trains(pairs, dtype: torc
 # -- one model sharded across devices (device_map) -------------------------------------------
 
 
-def _sharded_gpt2() -> nn.Module:
-    """The 3-block GPT-2, its embeddings and block 0 on the GPU, blocks 1-2 and the head on the CPU,
-    dispatched by accelerate as ``from_pretrained(device_map=...)`` does."""
+def _sharded_gpt2(offload: bool) -> nn.Module:
+    """The 3-block GPT-2 dispatched by accelerate, as ``from_pretrained(device_map=...)`` does: its
+    embeddings and block 0 on the GPU, blocks 1-2 and the head on the CPU, where they run
+    (``offload=False``), or from where they are brought to the GPU for each call (CPU offload:
+    their parameters show as on the meta device)."""
     from accelerate import dispatch_model
 
     gpu = GPU.index if GPU.type == "cuda" else str(GPU)
@@ -203,22 +205,24 @@ def _sharded_gpt2() -> nn.Module:
         "transformer.wte": gpu, "transformer.wpe": gpu, "transformer.drop": gpu, "transformer.h.0": gpu,
         "transformer.h.1": "cpu", "transformer.h.2": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu",
     }
-    return dispatch_model(_tiny_gpt2(), device_map=device_map)
+    return dispatch_model(_tiny_gpt2(), device_map=device_map, main_device=None if offload else "cpu")
 
 
-def test_a_model_sharded_across_devices_aligns_as_the_whole_model(pairs) -> None:
+@pytest.mark.parametrize("offload", [False, True], ids=["split", "cpu-offload"])
+def test_a_model_sharded_across_devices_aligns_as_the_whole_model(pairs, offload: bool) -> None:
     from masalign import NNsightAdapter
 
     whole = _tiny_gpt2()
-    sharded = _sharded_gpt2()
-    assert {p.device.type for p in sharded.parameters()} == {GPU.type, "cpu"}
-    for layer, device_type in ((0, GPU.type), (2, "cpu")):
+    sharded = _sharded_gpt2(offload)
+    later_blocks = GPU.type if offload else "cpu"  # where blocks 1-2 compute
+    assert {p.device.type for p in sharded.parameters()} == ({GPU.type, "meta"} if offload and GPU.type == "cuda" else {GPU.type, "cpu"})
+    for layer, device_type in ((0, GPU.type), (2, later_blocks)):
         site = f"transformer.h.{layer}.output"
         spread = ModelAlignment({"S": NNsightAdapter(sharded, name="S")}, site, 4, seed=0)
         assert spread.site_device("S").type == device_type and spread.alignments["S"].device.type == device_type
         on_cpu = ModelAlignment({"S": NNsightAdapter(whole, name="S")}, site, 4, seed=0)
         assert_same_step(on_cpu, spread, pairs["step"], [("S", "S")])
-    # MAS between the sharded model (site on the GPU) and a whole copy on the CPU, and a fit.
+    # MAS between the sharded model and a whole copy on the CPU, and a fit.
     sites = {"W": "transformer.h.2.output", "S": "transformer.h.0.output"}
     both = ModelAlignment({"W": NNsightAdapter(whole, name="W"), "S": NNsightAdapter(sharded, name="S")}, sites, 4, seed=0)
     both_on_cpu = ModelAlignment({"W": NNsightAdapter(whole, name="W"), "S": NNsightAdapter(_tiny_gpt2(), name="S")}, sites, 4, seed=0)
@@ -226,3 +230,15 @@ def test_a_model_sharded_across_devices_aligns_as_the_whole_model(pairs) -> None
     result = fit(both, pairs["train"].subset(slice(0, 256)), pairs["valid"], steps=10, lr=1e-2, eval_every=5, progress=False)
     assert result.steps > 0 and all(torch.isfinite(p).all() for p in both.parameters())
     assert both.alignments["S"].device.type == GPU.type and both.alignments["W"].device == CPU
+
+
+def test_a_two_layer_rnn_with_dropout_differentiates_on_the_gpu_in_eval_mode(pairs) -> None:
+    """cuDNN cannot differentiate an RNN in eval mode, and training mode would drop out between
+    its layers: such an RNN runs without cuDNN, and gives the CPU's numbers."""
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentConfig("gru", hidden_size=32, embedding_size=16, num_layers=2)).eval()
+    model.rnn.dropout = 0.5
+    on_cpu = ModelAlignment({"M": TorchModuleAdapter(model, name="M")}, "rnn.h_l1", 4, seed=0)
+    on_gpu = ModelAlignment({"M": TorchModuleAdapter(on(GPU, model), name="M")}, "rnn.h_l1", 4, seed=0)
+    assert_same_step(on_cpu, on_gpu, pairs["step"], [("M", "M")])
+    assert not on_gpu.models["M"].model.rnn.training

@@ -141,7 +141,9 @@ class ModelAlignment(nn.Module):
     def _check_devices(self) -> None:
         for name, adapter in self.models.items():
             model = getattr(adapter, "model", None)
-            if isinstance(model, nn.Module) and any(d.type == "meta" for d in parameter_devices(model)):
+            # accelerate's CPU offload leaves weights on the meta device and brings them in per call.
+            offloaded = isinstance(model, nn.Module) and any(getattr(m, "_hf_hook", None) is not None for m in model.modules())
+            if isinstance(model, nn.Module) and not offloaded and any(d.type == "meta" for d in parameter_devices(model)):
                 raise ValueError(
                     f"model {name!r} has parameters on the meta device, which hold no values (a model built with "
                     "device='meta' or loaded with low_cpu_mem_usage and never filled); load its weights first"
