@@ -22,6 +22,10 @@ from masalign.data import inputs_to
 from masalign.models import RecurrentConfig, RecurrentLM
 from masalign.objectives import intervention_loss
 
+# TF32, on by default for cuDNN's RNNs and convolutions since Ampere, keeps 10 bits of
+# mantissa (relative error ~1e-3): the comparisons with the CPU are made in full float32.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 GPU = torch.device(os.environ.get("MASALIGN_TEST_DEVICE", "cuda:0"))
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(GPU.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
