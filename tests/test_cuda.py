@@ -246,3 +246,13 @@ def test_a_two_layer_rnn_with_dropout_differentiates_on_the_gpu_in_eval_mode(pai
     on_gpu = ModelAlignment({"M": TorchModuleAdapter(on(GPU, model), name="M")}, "rnn.h_l1", 4, seed=0)
     assert_same_step(on_cpu, on_gpu, pairs["step"], [("M", "M")])
     assert not on_gpu.models["M"].model.rnn.training
+
+
+def test_a_model_moved_after_its_alignment_was_built_takes_its_map_along_in_fit(trained_grus, pairs) -> None:
+    models = {n: TorchModuleAdapter(on(CPU, m), name=n) for n, m in trained_grus.items()}
+    alignment = ModelAlignment(models, "rnn.h_l0", 8, seed=0)
+    for adapter in models.values():
+        adapter.model.to(GPU)
+    fit(alignment, pairs["train"], pairs["valid"], steps=20, lr=1e-2, eval_every=10, progress=False)
+    assert all(a.device.type == GPU.type for a in alignment.alignments.values())
+    assert all(torch.isfinite(p).all() for p in alignment.parameters())

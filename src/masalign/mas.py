@@ -172,8 +172,8 @@ class ModelAlignment(nn.Module):
     def place_on_site_devices(self) -> ModelAlignment:
         """Move each alignment function to its site's device (:meth:`site_device`).
 
-        Done on construction and on :meth:`load`; call it again after moving a model
-        (``model.to("cuda")``) once the alignment exists, before training it.
+        Done on construction, on :meth:`load` and at the start of ``fit`` (so a model
+        moved with ``model.to("cuda")`` after the alignment was built takes its map along).
         """
         for name, alignment in self.alignments.items():
             alignment.to(self.site_device(name))

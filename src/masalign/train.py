@@ -518,6 +518,9 @@ def fit(
     _check_inputs(alignment, valid_data, "valid")
     if latent_objective is not None and distributed.world_size() > 1:
         raise NotImplementedError("the CL loss (latent_objective) is not supported in a distributed fit; run it in one process")
+    # A model moved since its alignment was built (model.to("cuda")): its map follows it
+    # now, before the optimiser holds the parameters.
+    alignment.place_on_site_devices()
     if standardize:
         alignment.fit_standardization(next(iter(train_data.values())), memo=memo)
     distributed.broadcast_state(alignment.alignments)  # under torchrun: every process starts from rank 0's state
