@@ -145,6 +145,28 @@ def test_activations_are_the_hidden_states_at_per_example_positions(language_mod
             torch.testing.assert_close(hidden[b], expected[b, positions[b]], atol=1e-6, rtol=0)
 
 
+def test_activations_equal_what_an_nnsight_trace_reads_at_every_site(language_model, tokens):
+    """The adapter reads with a plain hook; nnsight's own ``.output`` / ``.input`` must agree everywhere."""
+    import nnsight
+
+    positions = torch.tensor([[0, 4], [9, 2], [5, 6]])
+    for site in language_model.sites():
+        path, slot = site.rsplit(".", 1)
+        element = None
+        if slot.endswith("]"):
+            slot, element = slot[:-1].split("[")
+            element = int(element)
+        envoy = language_model.envoy.get(path)
+        with torch.no_grad(), language_model.envoy.trace(tokens) as tracer:
+            value = envoy.output if slot == "output" else envoy.input
+            value = nnsight.save(value)
+            tracer.stop()
+        if element is not None or isinstance(value, (tuple, list)) or hasattr(value, "keys"):
+            value = list(value.values())[element or 0] if hasattr(value, "keys") else value[element or 0]
+        expected = value[torch.arange(3)[:, None], positions]
+        torch.testing.assert_close(language_model.activations(tokens, site, positions), expected, atol=0, rtol=0, msg=site)
+
+
 def test_output_zero_names_the_first_element_of_a_tuple_output(language_model, tokens):
     positions = torch.tensor([[1], [2], [3]])
     torch.testing.assert_close(
