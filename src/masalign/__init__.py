@@ -70,4 +70,4 @@ __all__ = [
     "make_alignment",
     "task_accuracy",
 ]
-__version__ = "0.3.0"
+__version__ = "0.4.0"
