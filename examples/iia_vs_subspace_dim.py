@@ -94,25 +94,34 @@ def run(
 
     table: dict[str, dict[int, float]] = {}
     floors: dict[str, dict[int, float]] = {}
+    fits: dict[str, dict[int, Any]] = {}  # how each fit ended: did it use every step?
     for method, keep in [(m, keep) for m, keep in (("MAS", True), ("stitching", False)) if m in methods]:
         print(f"{method} (mean of the cross-seed directions)")
         reports = sweep(lambda k, keep=keep: ModelAlignment(models, site, k, keep_complement=keep, seed=seed))
         table[method] = {k: _mean(r.iia, cross) for k, r in reports.items()}
         floors[method] = {k: _mean(r.floor, cross) for k, r in reports.items()}
+        fits[method] = {k: _how_it_ended(r) for k, r in reports.items()}
     if "DAS" in methods:
         print("DAS (within each seed, mean of the two)")
         per_seed = {label: sweep(lambda k, label=label: ModelAlignment({label: models[label]}, site, k, seed=seed)) for label in "AB"}
         table["DAS"] = {k: _mean({l: r[k].iia[l] for l, r in per_seed.items()}, [("A", "A"), ("B", "B")]) for k in dims}
         floors["DAS"] = {k: _mean({l: r[k].floor[l] for l, r in per_seed.items()}, [("A", "A"), ("B", "B")]) for k in dims}
+        fits["DAS"] = {k: {label: _how_it_ended(r[k]) for label, r in per_seed.items()} for k in dims}
     seconds = time.perf_counter() - started
     print(f"done in {seconds:.0f}s")
     document = {
-        "subspace_dim": sorted(dims), "iia": _by_str_k(table), "floor": _by_str_k(floors),
+        "subspace_dim": sorted(dims), "iia": _by_str_k(table), "floor": _by_str_k(floors), "fits": _by_str_k(fits),
         "steps": steps, "n_train": n_train, "site": site, "seed": seed,
         "command": " ".join(sys.argv), "seconds": seconds, **device_record(device),
     }
     write(document, out)
     return document
+
+
+def _how_it_ended(report: Any) -> dict[str, Any]:
+    """The fit's steps, why it stopped and its best step (a fit stopped early would end the same with more steps)."""
+    fit_summary = report.extra["fit"]
+    return {key: fit_summary[key] for key in ("steps", "stop_reason", "best_step")}
 
 
 def write(document: dict, out: Path) -> None:
@@ -205,6 +214,8 @@ def merge(folders: list[Path], out: Path) -> dict:
     seconds = [run["seconds"] for run in runs]
     document = {
         "subspace_dim": dims, "iia": merge_cells(documents, "iia"), "floor": merge_cells(documents, "floor"),
+        # Runs from before fits were recorded have none.
+        "fits": merge_cells({f: d for f, d in documents.items() if "fits" in d}, "fits"),
         **shared,
         "command": " ".join(sys.argv),
         "seconds": sum(seconds) if None not in seconds else None,
