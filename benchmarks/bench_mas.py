@@ -118,7 +118,7 @@ def bench_low_rank_vs_full(device: str, repeats: int) -> dict:
             # One d=4096 full-rotation step takes minutes on a CPU: time it once.
             slow = full and width >= 4096 and device == "cpu"
             results[full] = timed(step, 1 if slow else repeats, warmup=0 if slow else 1, device=device)
-        print(f"  {width:>5}  {results[False] * 1e3:8.2f}ms  {results[True] * 1e3:8.1f}ms  {results[True] / results[False]:15.0f}x")
+        print(f"  {width:>5}  {results[False] * 1e3:8.2f}ms  {results[True] * 1e3:8.1f}ms  {results[True] / results[False]:15.2g}x")
         rows[str(width)] = {"low_rank_ms": results[False] * 1e3, "full_ms": results[True] * 1e3, "ratio": results[True] / results[False]}
     return rows
 
