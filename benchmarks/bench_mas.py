@@ -98,6 +98,11 @@ def bench_training_step(device: str, repeats: int) -> dict:
             "one_direction_ratio": one / plain, "four_directions_ratio": four / plain}
 
 
+def _ratio(value: float) -> str:
+    """Two significant digits below 10 (a ratio under 1 must not print as 0), whole numbers above."""
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
 def bench_low_rank_vs_full(device: str, repeats: int) -> dict:
     print(f"\ninterchange forward+backward, batch 128, k=16, {device}: low-rank d x k columns vs full d x d rotation")
     print(f"  {'d':>5}  {'low-rank':>10}  {'full':>10}  {'full / low-rank':>16}")
@@ -118,7 +123,7 @@ def bench_low_rank_vs_full(device: str, repeats: int) -> dict:
             # One d=4096 full-rotation step takes minutes on a CPU: time it once.
             slow = full and width >= 4096 and device == "cpu"
             results[full] = timed(step, 1 if slow else repeats, warmup=0 if slow else 1, device=device)
-        print(f"  {width:>5}  {results[False] * 1e3:8.2f}ms  {results[True] * 1e3:8.1f}ms  {results[True] / results[False]:15.2g}x")
+        print(f"  {width:>5}  {results[False] * 1e3:8.2f}ms  {results[True] * 1e3:8.1f}ms  {_ratio(results[True] / results[False]):>15}x")
         rows[str(width)] = {"low_rank_ms": results[False] * 1e3, "full_ms": results[True] * 1e3, "ratio": results[True] / results[False]}
     return rows
 
