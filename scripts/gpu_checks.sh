@@ -20,7 +20,7 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 
 if [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target /tmp/masalign . || exit 1
+  $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade --target /tmp/masalign . || exit 1
   export PYTHONPATH=/tmp/masalign:/tmp/site
 fi
 nvidia-smi -L
@@ -33,7 +33,7 @@ log "bench_mas done"
 
 # 2. The k-curve at fit's default 2,000 steps: one process per (method, k), 9 at a time.
 mkdir -p kc
-KC_TIMEOUT=${KC_TIMEOUT:-330}
+KC_TIMEOUT=${KC_TIMEOUT:-600}
 for k in 1 2 4 8 16 32; do for m in MAS stitching DAS; do echo "$m $k"; done; done |
   xargs -P 9 -L 1 sh -c 'timeout '"$KC_TIMEOUT"' '"$PY"' examples/iia_vs_subspace_dim.py --device cuda --threads 1 --steps 2000 --methods $0 --dims $1 --out kc/$0_$1 > kc/$0_$1.log 2>&1; echo "[k-curve] $0 k=$1 exit $?"' &
 kcurve=$!
