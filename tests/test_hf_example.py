@@ -6,29 +6,17 @@ TransformerLens and nnsight, and aligned; about 30 s on one CPU core.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "align_hf_language_models.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("align_hf_language_models", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the class is built.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from example_scripts import load_example
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("hf_example")
-    return out_dir, load_example().main(out_dir, quick=True)
+    return out_dir, load_example("align_hf_language_models.py").main(out_dir, quick=True)
 
 
 def test_both_checkpoints_learned_the_task(run):

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "iia_vs_subspace_dim.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("iia_vs_subspace_dim", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from example_scripts import load_example
 
 
 @pytest.fixture(scope="module")
 def example():
-    return load_example()
+    return load_example("iia_vs_subspace_dim.py")
 
 
 def _by_str_k(table: dict) -> dict:
