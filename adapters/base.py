@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol, Union, runtime_checkable
@@ -593,7 +594,7 @@ def module_device(model: nn.Module, module_path: str, fallback: torch.device) ->
         execution = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
         if execution is not None:
             return torch.device("cuda", execution) if isinstance(execution, int) else torch.device(execution)
-        own = next(iter((*module.parameters(recurse=True), *module.buffers(recurse=True))), None)
+        own = next(itertools.chain(module.parameters(), module.buffers()), None)
         if own is not None and own.device.type != "meta":
             return own.device
     return fallback

@@ -85,7 +85,7 @@ def interchange_scores(
             logits = alignment.intervened_logits(
                 source,
                 target,
-                cache[source][rows].to(alignment.alignments[source].device),
+                cache[source][rows],  # moved to the source's map by intervened_logits
                 inputs_to(index_inputs(view.base_inputs, rows), device),
                 view.base_positions[rows].to(device),
                 variable,

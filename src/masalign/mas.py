@@ -152,14 +152,10 @@ class ModelAlignment(nn.Module):
     def site_device(self, name: str) -> torch.device:
         """The device where model ``name``'s activations at its site are: its alignment function lives there.
 
-        An adapter may say so itself (``adapter.site_device(site)``); otherwise it is
-        the device of the module that computes the site (for a model sharded with
+        The device of the module that computes the site (for a model sharded with
         ``device_map``, that module's shard), else the model's input device.
         """
         adapter, site = self.models[name], self.sites[name]
-        own = getattr(adapter, "site_device", None)
-        if callable(own):
-            return torch.device(own(site))
         model = getattr(adapter, "model", None)
         if not isinstance(model, nn.Module):
             return torch.device(adapter.device)

@@ -343,7 +343,7 @@ def _training_step(
             logits = alignment.intervened_logits(
                 source,
                 target,
-                train_cache[variable][source][index].to(alignment.alignments[source].device),
+                train_cache[variable][source][index],  # moved to the source's map by intervened_logits
                 inputs_to(index_inputs(view.base_inputs, index), device),
                 view.base_positions[index].to(device),
                 variable,
