@@ -305,12 +305,31 @@ class NNsightAdapter:
         cache = DynamicCache(config=getattr(self.model, "config", None))
         kwargs[self._cache_argument()] = cache
         outputs: list[Any] = []
+        last = len(block_site.stack) - 1
 
         def stop(module: nn.Module, args: Any) -> None:
             raise StopForward  # every block has run and filled the cache: the unembedding is not needed
 
+        def read_site(module: nn.Module, args: Any, output: Any) -> None:
+            outputs.append(output)
+            if block_site.index == last:
+                raise StopForward  # no block after the site: no keys or values to keep
+
+        # The last block's keys and values are all it contributes: the run stops once they are
+        # in the cache, before that block's attention and MLP (a large share of a shallow model's
+        # run). A model that never stores them there stops at the unembedding instead.
+        update = cache.update
+
+        def update_then_stop(key: Tensor, value: Tensor, *rest: Any, **options: Any) -> Any:
+            stored = update(key, value, *rest, **options)
+            layer = rest[0] if rest else options.get("layer_idx")
+            if layer == last and outputs:
+                raise StopForward
+            return stored
+
+        cache.update = update_then_stop
         handles = [
-            block_site.stack[block_site.index].register_forward_hook(lambda module, a, output: outputs.append(output)),
+            block_site.stack[block_site.index].register_forward_hook(read_site),
             self.output_module().register_forward_pre_hook(stop),
         ]
         try:

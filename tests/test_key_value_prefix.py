@@ -65,6 +65,39 @@ def test_the_run_from_keys_and_values_equals_the_full_run(adapter: NNsightAdapte
     assert (resumed_gradient - full_gradient).abs().max() < 1e-4 * full_gradient.abs().max()
 
 
+def _stack(adapter: NNsightAdapter) -> torch.nn.ModuleList:
+    return next(m for name, m in adapter.model.named_modules() if isinstance(m, torch.nn.ModuleList) and name.endswith(("h", "layers")))
+
+
+@pytest.mark.parametrize("layer", [0, 1, "last"])
+def test_the_read_stops_once_the_last_blocks_keys_and_values_are_stored(adapter: NNsightAdapter, layer: int | str) -> None:
+    # The last block's attention output and MLP change nothing the prefix keeps: they must not run.
+    stack = _stack(adapter)
+    index = len(stack) - 1 if layer == "last" else layer
+    site = _site(adapter, index)
+    inputs = _padded_inputs("input_ids")
+    ran: list[str] = []
+    # With the site in the last block, that block must run whole, and nothing after it.
+    watched = {"unembedding": adapter.output_module()} | ({} if layer == "last" else {"last MLP": stack[-1].mlp})
+    handles = [m.register_forward_hook(lambda module, args, output, name=name: ran.append(name)) for name, m in watched.items()]
+    try:
+        prefix = adapter.key_value_prefix(inputs, site, START)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == []
+    assert len(prefix.keys) == len(stack) - 1 - index
+    _, arguments = adapter._call_arguments(inputs)  # with the position ids the adapter gives left-padded rows
+    with torch.no_grad():
+        full = adapter.model(**arguments, use_cache=True, output_hidden_states=True)
+    for j, (keys, values) in enumerate(zip(prefix.keys, prefix.values, strict=True), start=index + 1):
+        layer_cache = full.past_key_values.layers[j]
+        assert torch.allclose(keys, layer_cache.keys[:, :, :START], atol=1e-6)
+        assert torch.allclose(values, layer_cache.values[:, :, :START], atol=1e-6)
+    if layer != "last":  # the last hidden state is after the final norm in Hugging Face models
+        assert torch.allclose(prefix.states, full.hidden_states[index + 1], atol=1e-6)
+
+
 def test_an_interchange_before_the_start_is_refused(adapter: NNsightAdapter) -> None:
     site = _site(adapter, 1)
     inputs = _padded_inputs("input_ids")
