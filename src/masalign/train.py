@@ -533,7 +533,7 @@ def fit(
         valid_cache = _source_cache(alignment, valid_data, sources, memo)
         targets = sorted({t for _, t in directions}) if prefix_cache else []
         train_prefix = dataset_prefixes(alignment, train_data, targets, memo)
-        valid_prefix = dataset_prefixes(alignment, valid_data, targets, memo)
+        valid_prefix: dict[str, dict[str, Any]] | None = None  # set up by the first validation, on its clock
         latent = None
         if latent_objective is not None:
             latent_variable = next(iter(train_data))
@@ -548,8 +548,10 @@ def fit(
         bar = _progress_bar(steps, progress and distributed.is_main())
 
         def validate(at_step: int) -> str | None:
-            nonlocal validation_seconds
+            nonlocal validation_seconds, valid_prefix
             started = time.perf_counter()
+            if valid_prefix is None:
+                valid_prefix = dataset_prefixes(alignment, valid_data, targets, memo)
             loss, accuracy = _validate(alignment, valid_data, valid_cache, directions, at_step, valid_prefix)
             validation_seconds += time.perf_counter() - started
             # seconds: since the fit began (set-up, training and validation);
