@@ -296,7 +296,8 @@ class NNsightAdapter:
     def key_value_prefix(self, inputs: ModelInputs, site: str, start: int) -> KeyValuePrefix:
         """:meth:`prefix`'s states, and the keys and values of the blocks after ``site`` at positions
         ``0..start-1``, from one run of the whole inputs with ``use_cache=True``, without gradient
-        (in a causal model a position's keys and values depend on none after it)."""
+        (in a causal model a position's keys and values depend on none after it). The run stops
+        as soon as the last block's keys and values are stored."""
         from transformers import DynamicCache
 
         block_site = self._resumable(site, inputs)
