@@ -173,6 +173,37 @@ def test_a_row_cache_computes_each_row_once_and_returns_rows_in_order() -> None:
     assert all(len(chunk) <= 3 for chunk in asked) and sorted(sum(asked, [])) == list(range(10))
 
 
+def test_a_row_cache_reads_ahead_the_rows_it_is_told_come_next() -> None:
+    asked: list[list[int]] = []
+
+    def compute(rows: Tensor) -> Tensor:
+        asked.append(rows.tolist())
+        return rows.float()[:, None] * 10
+
+    cache = RowCache(12, compute, batch_size=8)
+    cache.read_ahead(torch.tensor([7, 2, 9, 4, 0, 11, 3]), rows=5)
+    assert cache[torch.tensor([5, 1])].tolist() == [[50.0], [10.0]]
+    assert asked == [[1, 5, 7, 2, 9]]  # the two asked for, then the next three to come, in one run
+    assert cache[torch.tensor([7, 2, 9])][:, 0].tolist() == [70.0, 20.0, 90.0] and len(asked) == 1
+    assert cache[torch.tensor([4, 6])][:, 0].tolist() == [40.0, 60.0]
+    assert asked[-1] == [4, 6, 0, 11, 3]  # rows already read are not read again
+    cache.read_ahead(torch.tensor([8, 10]), rows=100)  # at most one chunk (batch_size 8)
+    assert cache[torch.tensor([8])][:, 0].tolist() == [80.0] and asked[-1] == [8, 10]
+    assert cache.full()[:, 0].tolist() == [10.0 * row for row in range(12)]
+    assert sorted(sum(asked, [])) == list(range(12))
+
+
+def test_fit_tells_its_caches_the_rows_of_the_next_batches() -> None:
+    from masalign.train import _BatchSampler
+
+    sampler = _BatchSampler({"count": 10}, 3, seed=0)
+    sampler.next()
+    upcoming = sampler.upcoming("count")
+    assert len(upcoming) == 6  # the tenth row is reshuffled away, not read
+    assert torch.equal(torch.cat([sampler.next()["count"], sampler.next()["count"]]), upcoming)
+    assert len(sampler.upcoming("count")) == 0
+
+
 def test_a_row_cache_keeps_key_value_prefixes() -> None:
     def compute(rows: Tensor) -> KeyValuePrefix:
         states = rows.float()[:, None, None].expand(-1, 5, 4).clone()

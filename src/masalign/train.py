@@ -295,6 +295,22 @@ class _BatchSampler:
             self.cursors[variable] += self.batch_size
         return batch
 
+    def upcoming(self, variable: str) -> Tensor:
+        """The rows the next batches of ``variable`` take, in order, up to the next reshuffle,
+        as this process will be asked for them (its share of each batch under torchrun)."""
+        rows = self.orders[variable][self.cursors[variable] :]
+        rows = rows[: len(rows) - len(rows) % self.batch_size]  # a partial batch is reshuffled away
+        return torch.cat([distributed.shard(batch) for batch in rows.split(self.batch_size)]) if len(rows) else rows
+
+
+def _read_ahead(caches: Sequence[dict[str, dict[str, RowCache]]], sampler: _BatchSampler) -> None:
+    """Tell each training cache which rows the next batches will read (:meth:`RowCache.read_ahead`)."""
+    for variable in sampler.sizes:
+        upcoming = sampler.upcoming(variable)
+        for by_model in caches:
+            for rows in by_model.get(variable, {}).values():
+                rows.read_ahead(upcoming)
+
 
 def _source_cache(
     alignment: ModelAlignment, data: dict[str, CounterfactualData], sources: Sequence[str], memo: ActivationMemo | None = None
@@ -575,8 +591,10 @@ def fit(
             reason = validate(0)
             while reason is None and step < steps:
                 step += 1
+                batch = sampler.next()
+                _read_ahead((train_cache, train_prefix), sampler)
                 step_loss = _training_step(
-                    alignment, optimizer, train_data, train_cache, directions, sampler.next(), latent, step, train_prefix
+                    alignment, optimizer, train_data, train_cache, directions, batch, latent, step, train_prefix
                 )
                 bar.update(1)
                 bar.set_description(f"MAS fit (loss {step_loss:.3f})", refresh=False)
