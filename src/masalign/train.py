@@ -368,13 +368,15 @@ def _training_step(
             )
             losses.append(distributed.loss_share(logits, labels.to(logits.device), view.labels[batch[variable]]))
             # One backward per direction frees its graph at once; the gradients
-            # add up exactly as for the summed loss.
-            losses[-1].backward()
+            # add up exactly as for the summed loss. torch.autograd.backward, not
+            # Tensor.backward: nnsight patches the latter with a tracing check that
+            # costs about 0.5 ms a call.
+            torch.autograd.backward(losses[-1])
         if latent is not None and variable == latent.variable:
             for source, target in latent.directions:
                 intervened = latent.intervened(alignment, source, target, index)
                 losses.append(latent.weight * cl_loss(intervened, latent.natural[target][index], latent.kind, latent.found[index]))
-                losses[-1].backward()
+                torch.autograd.backward(losses[-1])
         step_loss = sum(float(loss.detach()) for loss in losses)
         [step_loss] = distributed.all_reduce_sum([step_loss])  # every process raises, or none
         if not math.isfinite(step_loss):
