@@ -303,12 +303,14 @@ class _BatchSampler:
         return torch.cat([distributed.shard(batch) for batch in rows.split(self.batch_size)]) if len(rows) else rows
 
 
-def _read_ahead(caches: Sequence[dict[str, dict[str, RowCache]]], sampler: _BatchSampler) -> None:
-    """Tell each training cache which rows the next batches will read (:meth:`RowCache.read_ahead`)."""
-    for variable in sampler.sizes:
-        upcoming = sampler.upcoming(variable)
-        for by_model in caches:
-            for rows in by_model.get(variable, {}).values():
+def _read_ahead(caches: Sequence[dict[str, dict[str, RowCache]]], sampler: _BatchSampler | None) -> None:
+    """Tell each training cache which rows the next batches will read (:meth:`RowCache.read_ahead`);
+    with no sampler (the fit has ended), that none will: a cache shared through a memo then reads
+    only what it is asked for."""
+    for by_model in caches:
+        for variable, caches_of_models in by_model.items():
+            upcoming = sampler.upcoming(variable) if sampler is not None else torch.empty(0, dtype=torch.long)
+            for rows in caches_of_models.values():
                 rows.read_ahead(upcoming)
 
 
@@ -608,6 +610,7 @@ def fit(
         finally:
             bar.close()
             stopping.restore_best()
+            _read_ahead((train_cache, train_prefix), None)
 
     return FitResult(
         steps=step,
