@@ -303,14 +303,16 @@ class _BatchSampler:
         return torch.cat([distributed.shard(batch) for batch in rows.split(self.batch_size)]) if len(rows) else rows
 
 
-def _read_ahead(caches: Sequence[dict[str, dict[str, RowCache]]], sampler: _BatchSampler | None) -> None:
-    """Tell each training cache which rows the next batches will read (:meth:`RowCache.read_ahead`);
-    with no sampler (the fit has ended), that none will: a cache shared through a memo then reads
-    only what it is asked for."""
-    for by_model in caches:
-        for variable, caches_of_models in by_model.items():
-            upcoming = sampler.upcoming(variable) if sampler is not None else torch.empty(0, dtype=torch.long)
-            for rows in caches_of_models.values():
+def _read_ahead(caches: Sequence[dict[str, dict[str, RowCache]]], sampler: _BatchSampler, ended: bool = False) -> None:
+    """Tell each training cache that still has rows to read which rows the next batches take
+    (:meth:`RowCache.read_ahead`); once the fit has ended (``ended``), that none will: a cache
+    shared through a memo then reads only what it is asked for. Complete caches (every step after
+    the first epoch) cost nothing here."""
+    for variable in sampler.sizes:
+        reading = [rows for by_model in caches for rows in by_model.get(variable, {}).values() if not rows.complete]
+        if reading:
+            upcoming = torch.empty(0, dtype=torch.long) if ended else sampler.upcoming(variable)
+            for rows in reading:
                 rows.read_ahead(upcoming)
 
 
@@ -610,7 +612,7 @@ def fit(
         finally:
             bar.close()
             stopping.restore_best()
-            _read_ahead((train_cache, train_prefix), None)
+            _read_ahead((train_cache, train_prefix), sampler, ended=True)
 
     return FitResult(
         steps=step,
