@@ -360,6 +360,78 @@ class NNsightAdapter:
             n_blocks=len(block_site.stack),
         )
 
+    def key_value_activations(self, inputs: ModelInputs, site: str, positions: Tensor) -> Tensor:
+        """:meth:`activations` at a block output (:meth:`supports_key_values`), from two shorter runs:
+        the positions before the first read one run only until the site block has stored their
+        keys and values, then the positions from it on run up to the site, attending to them.
+
+        In a causal model a position's state depends on none after it, so these are the
+        activations of the full run to float rounding (``fit`` checks them against
+        :meth:`activations` on its first rows). For a read at the last token of an early
+        block, the site's block and the blocks before it run one position instead of the
+        whole prompt after its attention inputs (the MLP of a 2-layer GPT-2's block 0 over
+        13 tokens is most of that read).
+        """
+        from transformers import DynamicCache
+
+        block_site = self._resumable(site, inputs)
+        spec = self._site(site, inputs)
+        positions = self.check_inputs(inputs, positions)
+        read = positions[positions >= 0]
+        start = int(read.min()) if read.numel() else 0
+        if start == 0:
+            return self.activations(inputs, site, positions)
+        args, kwargs = self._call_arguments(inputs)
+        cache = DynamicCache(config=getattr(self.model, "config", None))
+        update = cache.update
+        stored: list[int] = []
+
+        def update_then_stop(key: Tensor, value: Tensor, *rest: Any, **options: Any) -> Any:
+            result = update(key, value, *rest, **options)
+            layer = rest[0] if rest else options.get("layer_idx")
+            stored.append(layer)
+            if layer == block_site.index:
+                raise StopForward  # the site's block has its keys and values: nothing later is read
+            return result
+
+        def stop(module: nn.Module, args: Any) -> None:
+            raise StopForward
+
+        outputs: list[Any] = []
+
+        def read_site(module: nn.Module, args: Any, output: Any) -> None:
+            outputs.append(output)
+            raise StopForward
+
+        before_args, before_kwargs = _call_until(args, kwargs, start)
+        before_kwargs[self._cache_argument()] = cache
+        handle = self.output_module().register_forward_pre_hook(stop)
+        cache.update = update_then_stop
+        try:
+            with torch.no_grad(), explaining_inference_weights(self.model, self.name):
+                self._envoy.trace(*before_args, trace=False, use_cache=True, **before_kwargs)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+            del cache.update  # the instance attribute: the class's update again
+        if block_site.index not in stored:
+            raise SiteError(f"{self.name}: block {block_site.index} stored no keys and values in its cache")
+        after_args, after_kwargs = _call_from(args, kwargs, start, self._forward_parameters)
+        after_kwargs[self._cache_argument()] = cache
+        handle = block_site.stack[block_site.index].register_forward_hook(read_site)
+        try:
+            with torch.no_grad(), explaining_inference_weights(self.model, self.name):
+                self._envoy.trace(*after_args, trace=False, use_cache=True, **after_kwargs)
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+        if len(outputs) != 1:
+            raise SiteError(f"{self.name}: block {block_site.index} ran {len(outputs)} times in one forward pass, not once")
+        shifted = torch.where(positions >= 0, positions - start, positions)
+        return gather_rows(_element_of(outputs[0], spec.element), shifted, site)
+
     def _run_from_key_values(
         self, inputs: ModelInputs, site: str, prefix: KeyValuePrefix, positions: Tensor, replace: Replacement
     ) -> Tensor:
@@ -592,6 +664,19 @@ def _call_from(
         return value[:, start:]
 
     return tuple(cut(None, a) for a in args), {name: cut(name, value) for name, value in kwargs.items()}
+
+
+def _call_until(args: tuple[Any, ...], kwargs: dict[str, Any], stop: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call arguments for a run of positions ``0..stop-1`` only: every ``(batch, seq, ...)``
+    argument (tokens, attention mask, position ids) cut there."""
+    tokens = args[0] if args else _tokens_and_mask(kwargs)[0]
+
+    def cut(value: Any) -> Any:
+        if not isinstance(value, Tensor) or value.dim() < 2 or value.shape[1] != tokens.shape[1]:
+            return value
+        return value[:, :stop]
+
+    return tuple(cut(a) for a in args), {name: cut(value) for name, value in kwargs.items()}
 
 
 def _tokens_and_mask(inputs: ModelInputs) -> tuple[Tensor, Tensor | None]:

@@ -232,3 +232,74 @@ def test_plain_token_inputs_through_a_transformers_model(tmp_path) -> None:
     full = adapter.run_with_replacement(tokens, site, positions, replace)
     resumed = adapter.run_from_prefix(tokens, site, adapter.key_value_prefix(tokens, site, 9), positions, replace)
     assert (resumed[:, 9:] - full[:, 9:]).abs().max() < 1e-5
+    # The source read over cached keys and values, on the same plain tokens.
+    assert (adapter.key_value_activations(tokens, site, positions) - adapter.activations(tokens, site, positions)).abs().max() < 1e-5
+
+
+# -- source reads: the positions before the first read one run only to the site block's keys and values
+
+
+@pytest.mark.parametrize("layer", [0, 1, "last"])
+@pytest.mark.parametrize("positions", [POSITIONS, torch.tensor([[3, 10], [4, -1], [6, 8]])], ids=["from 7", "from 3, empty slot"])
+def test_a_source_read_over_cached_keys_and_values_equals_the_full_read(adapter: NNsightAdapter, layer: int | str, positions: Tensor) -> None:
+    # From 3: the third row's five pad tokens fill the whole run before the start.
+    stack = _stack(adapter)
+    index = len(stack) - 1 if layer == "last" else layer
+    site = _site(adapter, index)
+    inputs = _padded_inputs("input_ids")
+    start = int(positions[positions >= 0].min())
+    mlp_lengths: list[int] = []
+    watched = [stack[index].mlp.register_forward_hook(lambda module, args, output: mlp_lengths.append(args[0].shape[1]))]
+    watched.append(adapter.output_module().register_forward_hook(lambda *args: mlp_lengths.append(-1)))
+    try:
+        shorter = adapter.key_value_activations(inputs, site, positions)
+    finally:
+        for handle in watched:
+            handle.remove()
+    full = adapter.activations(inputs, site, positions)
+    assert shorter.shape == full.shape
+    assert (shorter - full).abs().max() < 1e-5
+    assert (shorter[positions < 0] == 0).all()
+    # The site's block runs its MLP once, on the positions from the start only; nothing after it runs.
+    assert mlp_lengths == [SEQ - start]
+
+
+def test_fit_reads_sources_over_cached_keys_and_values_once_checked(adapter: NNsightAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = _site(adapter, 1)
+    data = _pairs(8, 0)
+    alignment = ModelAlignment({"A": adapter}, site, subspace_dim=4)
+    calls: list[int] = []
+    read = adapter.key_value_activations
+
+    def counted(inputs, site, positions):  # noqa: ANN001, ANN202
+        calls.append(positions.shape[0])
+        return read(inputs, site, positions)
+
+    monkeypatch.setattr(adapter, "key_value_activations", counted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hidden = alignment.source_activations("A", data.source_inputs, data.source_positions)
+    assert calls == [2, 8]  # the check on the first two rows, then the read
+    expected = adapter.activations(data.source_inputs, site, data.source_positions)
+    assert (hidden - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("failure", ["differs", "raises"])
+def test_a_source_read_over_keys_and_values_that_fails_its_check_falls_back(
+    adapter: NNsightAdapter, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    site = _site(adapter, 1)
+    data = _pairs(8, 0)
+    read = adapter.key_value_activations
+
+    def wrong(inputs, site, positions):  # noqa: ANN001, ANN202
+        if failure == "raises":
+            raise RuntimeError("no cache here")
+        return read(inputs, site, positions) + 1e-2
+
+    monkeypatch.setattr(adapter, "key_value_activations", wrong)
+    alignment = ModelAlignment({"A": adapter}, site, subspace_dim=4)
+    message = "gives activations .* away from the full run.s" if failure == "differs" else "failed \\(RuntimeError: no cache here\\)"
+    with pytest.warns(UserWarning, match=f"reading {site!r} after cached keys and values {message}; reading every position"):
+        hidden = alignment.source_activations("A", data.source_inputs, data.source_positions)
+    assert torch.equal(hidden, adapter.activations(data.source_inputs, site, data.source_positions))

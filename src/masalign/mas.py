@@ -25,6 +25,7 @@ from .alignment import make_alignment
 from .data import CounterfactualData, ModelInputs, check_views, index_inputs, inputs_to, view_for
 from .logit_rows import logits_at
 from .memo import ActivationMemo
+from .prefix import SourceReader
 from .rowcache import RowCache
 from .storage import FORMAT_VERSION, atomic_folder, read_save, write_json, write_tensors
 
@@ -203,11 +204,12 @@ class ModelAlignment(nn.Module):
         """:meth:`source_activations` as a :class:`masalign.rowcache.RowCache`: rows read on first use
         (``fit`` reads a batch's rows when it first trains on them). Shared through ``memo``."""
         adapter, site = self.models[model], self.sites[model]
+        read_activations = SourceReader(adapter, site, model)
 
         @torch.no_grad()
         def read(rows: Tensor) -> Tensor:
             device = adapter.device
-            hidden = adapter.activations(inputs_to(index_inputs(inputs, rows), device), site, positions[rows].to(device))
+            hidden = read_activations(inputs_to(index_inputs(inputs, rows), device), positions[rows].to(device))
             check_finite(hidden, f"activations of model {model!r} at {site!r}")
             return hidden
 

@@ -176,6 +176,55 @@ def _check_key_values_exact(
     return prefix
 
 
+class SourceReader:
+    """An adapter's activations at a site, read by :meth:`key_value_activations` where the adapter
+    has it (the nnsight adapter on a Hugging Face model, at a block output): the positions before
+    the first read one run only until the site block has stored their keys and values.
+
+    The first call compares the two reads on its first rows; if they differ by more than
+    float rounding (``tolerance`` of the largest value), or the shorter read fails, this
+    reader warns once and reads by :meth:`activations` from then on.
+    """
+
+    def __init__(self, adapter: Any, site: str, model_name: str = "model", tolerance: float = 1e-4) -> None:
+        self.adapter, self.site, self.model_name, self.tolerance = adapter, site, model_name, tolerance
+        self.by_key_values: bool | None = (
+            None
+            if supports_key_values(adapter, site)
+            and callable(getattr(adapter, "key_value_activations", None))
+            and len(parameter_devices(adapter.model)) == 1
+            else False
+        )
+
+    def __call__(self, inputs: ModelInputs, positions: Tensor) -> Tensor:
+        if self.by_key_values is None:
+            self.by_key_values = self._check(index_inputs(inputs, torch.arange(min(2, positions.shape[0]))), positions[:2])
+        if self.by_key_values:
+            return self.adapter.key_value_activations(inputs, self.site, positions)
+        return self.adapter.activations(inputs, self.site, positions)
+
+    def _check(self, inputs: ModelInputs, positions: Tensor) -> bool:
+        full = self.adapter.activations(inputs, self.site, positions)
+        try:
+            shorter = self.adapter.key_value_activations(inputs, self.site, positions)
+        except (SiteError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
+            warnings.warn(
+                f"model {self.model_name!r}: reading {self.site!r} after cached keys and values failed "
+                f"({type(error).__name__}: {error}); reading every position instead",
+                stacklevel=4,
+            )
+            return False
+        difference = float((full.float() - shorter.float()).abs().max()) if full.shape == shorter.shape else float("inf")
+        if not difference <= self.tolerance * max(1.0, float(full.float().abs().max())):
+            warnings.warn(
+                f"model {self.model_name!r}: reading {self.site!r} after cached keys and values gives activations "
+                f"{difference:.3g} away from the full run's; reading every position instead",
+                stacklevel=4,
+            )
+            return False
+        return True
+
+
 def dataset_prefixes(
     alignment: Any, data: Mapping[str, CounterfactualData], targets: Sequence[str], memo: ActivationMemo | None = None
 ) -> dict[str, dict[str, RowCache]]:
