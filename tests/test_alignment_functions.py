@@ -277,6 +277,39 @@ def test_the_orthogonal_parametrizations_match_their_dense_definitions() -> None
         torch.testing.assert_close(q.T @ q, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("parametrization", OrthogonalAlignment.PARAMETRIZATIONS)
+def test_a_basis_computed_once_gives_the_same_values_and_gradients(parametrization, monkeypatch) -> None:
+    """DAS reads and writes with one map: inside ``computed_once`` its basis is built once,
+    and the substitution and its gradient are those of building it at each use."""
+    a = perturbed("orthogonal", 10, 3, {"parametrization": parametrization})
+    source, base = activations_for(a, 4, seed=1), activations_for(a, 4, seed=2)
+
+    def substituted() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        a.zero_grad()
+        out = a.substitute(base, slice(0, 3), a.coordinates(source, slice(0, 3)))
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in a.parameters()]
+
+    built = {"n": 0}
+    real_basis = OrthogonalAlignment.basis.fget
+
+    def counted(self):  # noqa: ANN001, ANN202
+        if self.__dict__.get("_basis_once") is None:
+            built["n"] += 1
+        return real_basis(self)
+
+    monkeypatch.setattr(OrthogonalAlignment, "basis", property(counted))
+    each_use, each_grads = substituted()
+    assert built["n"] == 2
+    built["n"] = 0
+    with a.computed_once():
+        once, once_grads = substituted()
+    assert built["n"] == 1 and a.__dict__["_basis_once"] is None  # nothing kept after the block
+    torch.testing.assert_close(once, each_use, rtol=0, atol=0)
+    for g_once, g_each in zip(once_grads, each_grads, strict=True):
+        torch.testing.assert_close(g_once, g_each, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_parametrization_options_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown parametrization 'givens'.*'qr', 'householder', 'cayley'"):
         OrthogonalAlignment(8, 2, parametrization="givens")

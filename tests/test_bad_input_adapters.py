@@ -190,6 +190,22 @@ def test_training_through_inference_mode_weights_is_a_clear_error_at_every_site(
         case.adapter.run_with_replacement(TOKENS, case.site, POSITIONS, lambda h, e, s: h * scale)
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_weights_swapped_for_inference_tensors_after_a_step_are_still_a_clear_error(name):
+    # The check runs once per model; a later swap is caught where the forward fails.
+    case = make_case(name)
+    scale = nn.Parameter(torch.ones(case.adapter.sites()[case.site]))
+    case.adapter.run_with_replacement(TOKENS, case.site, POSITIONS, lambda h, e, s: h * scale)
+    # The last matrix (the output layer in these models): after every site, so on the gradient's path.
+    parameter_name, parameter = [(n, p) for n, p in case.adapter.model.named_parameters() if p.dim() == 2][-1]
+    owner = case.adapter.model.get_submodule(parameter_name.rpartition(".")[0])
+    with torch.inference_mode():
+        swapped = nn.Parameter(parameter.detach().clone())
+    setattr(owner, parameter_name.rpartition(".")[2], swapped)
+    with pytest.raises(RuntimeError, match=r"its weights are inference tensors .* load the model outside inference_mode"):
+        case.adapter.run_with_replacement(TOKENS, case.site, POSITIONS, lambda h, e, s: h * scale)
+
+
 def test_fit_through_inference_mode_weights_is_a_clear_error_and_leaves_every_flag_as_it_was():
     alignment = gru_alignment(b_under_inference_mode=True)
     models = [adapter.model for adapter in alignment.models.values()]

@@ -28,8 +28,10 @@ No model code and no training loop live here.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABCMeta, abstractmethod
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -126,6 +128,13 @@ class AlignmentFunction(nn.Module, metaclass=ABCMeta):
         """``A(h)[..., block]``."""
         return self.forward(h)[..., block]
 
+    @contextlib.contextmanager
+    def computed_once(self) -> Iterator[None]:
+        """Within the block, the map's matrix is built from its parameters once, for a forward
+        pass that reads with this map and writes with it (DAS: source and target are one model).
+        The same values and gradients as building it at each use; nothing is kept after."""
+        yield
+
     def substitute(self, h: Tensor, block: slice, values: Tensor, keep_complement: bool = True) -> Tensor:
         """``A^{-1}(z)`` where ``z = A(h)`` with ``z[..., block] = values``.
 
@@ -209,9 +218,23 @@ class OrthogonalAlignment(AlignmentFunction):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "full_rotation": self.full_rotation, "parametrization": self.parametrization}
 
+    @contextlib.contextmanager
+    def computed_once(self) -> Iterator[None]:
+        if self.__dict__.get("_basis_once") is not None:  # already inside such a block
+            yield
+            return
+        self.__dict__["_basis_once"] = self.basis
+        try:
+            yield
+        finally:
+            self.__dict__["_basis_once"] = None
+
     @property
     def basis(self) -> Tensor:
         """The orthonormal columns, ``(width, n_aligned)``, or ``(width, width)`` for a full rotation."""
+        once = self.__dict__.get("_basis_once")
+        if once is not None:
+            return once
         if self.full_rotation:
             return self.initial_rotation @ torch.linalg.matrix_exp(self.skew - self.skew.T)
         if self.parametrization == "householder":

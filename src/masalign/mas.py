@@ -9,6 +9,7 @@ evaluation in :mod:`masalign.evaluate`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -267,8 +268,6 @@ class ModelAlignment(nn.Module):
                 f"source activations have width {source_hidden.shape[-1]} but model {source!r} has width "
                 f"{self.widths[source]} at {self.sites[source]!r}"
             )
-        values = source_alignment.coordinates(source_hidden.to(source_alignment.device), block)  # (batch, n_slots, k)
-
         def replace(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
             if hidden.shape[-1] != target_alignment.width:
                 raise ValueError(
@@ -289,9 +288,12 @@ class ModelAlignment(nn.Module):
                 return adapter.run_from_prefix(base_inputs, site, base_prefix, base_positions, replace)
             return adapter.run_with_replacement(base_inputs, site, base_positions, replace)
 
-        if logit_positions is None:
-            return run()
-        return logits_at(adapter, logit_positions, base_inputs, run)
+        # Within one model (DAS) the map that reads is the one that writes: its matrix is built once.
+        with source_alignment.computed_once() if source_alignment is target_alignment else contextlib.nullcontext():
+            values = source_alignment.coordinates(source_hidden.to(source_alignment.device), block)  # (batch, n_slots, k)
+            if logit_positions is None:
+                return run()
+            return logits_at(adapter, logit_positions, base_inputs, run)
 
     def block(self, variable: str | None) -> slice:
         if variable is None:
