@@ -21,9 +21,11 @@ state, at lr 1e-2 and (``--lrs``) at 1e-3 and 3e-2 on both sides. Time per step
 is given over the whole run, over its first epoch and over its second half
 ("steady"): masalign reads each row's source and base states the first time a
 batch holds it, so its first-epoch steps also run the model on those rows.
-``--json PATH`` writes it all. Run:
+``--json PATH`` writes it all. With ``--repeats N`` every configuration runs N
+times, interleaved, and the timings compared are the medians (a configuration's
+timings vary by up to a third between runs on a 2-core machine). Run:
 
-    python benchmarks/bench_das_pyvene.py [--json PATH] [--quick]
+    python benchmarks/bench_das_pyvene.py [--json PATH] [--quick] [--repeats N]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -190,6 +193,9 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="*", default=[1e-3, 3e-2], help="more learning rates, for both sides")
     parser.add_argument("--pyvene-python", default=None, help="a python with pyvene installed (default: made in .venv-pyvene)")
     parser.add_argument("--workdir", default=None, help="where the model and the pairs go (default: a temporary folder)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="run every configuration this many times, interleaved; timings are the medians"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps = args.steps or (40 if args.quick else 300)
@@ -208,23 +214,49 @@ def main() -> None:
     views = write_pairs(example, vocabulary, sizes, data)
     print(f"pairs: train {sizes['train']}, valid {sizes['valid']}, test {sizes['test']}; site block {LAYER} output, last token, k {K}, batch {BATCH}, {args.threads} thread(s), {steps} steps")
 
-    runs: dict[str, dict[str, Any]] = {}
-    for lr in (LR, *args.lrs):
-        for mode in ("users", "cached"):
-            name = f"pyvene {mode} lr {lr:g}"
-            runs[name] = run_pyvene(python, folder, data, mode, lr, steps, args.eval_every, args.threads, sizes["train"] // BATCH)
-            print_run(name, runs[name])
-        for parametrization in ("qr", "householder", "cayley"):
-            name = f"masalign {parametrization} lr {lr:g}"
-            runs[name] = run_masalign(example, folder, views, parametrization, lr, steps, args.eval_every)
-            print_run(name, runs[name])
+    # Repeats run every configuration once before any runs twice, so that a slow spell of
+    # the machine falls on all of them alike; the medians are compared.
+    trials: dict[str, list[dict[str, Any]]] = {}
+    for repeat in range(args.repeats):
+        if args.repeats > 1:
+            print(f"repeat {repeat + 1} of {args.repeats}")
+        for lr in (LR, *args.lrs):
+            for mode in ("users", "cached"):
+                name = f"pyvene {mode} lr {lr:g}"
+                run = run_pyvene(python, folder, data, mode, lr, steps, args.eval_every, args.threads, sizes["train"] // BATCH)
+                trials.setdefault(name, []).append(run)
+                print_run(name, run)
+            for parametrization in ("qr", "householder", "cayley"):
+                name = f"masalign {parametrization} lr {lr:g}"
+                run = run_masalign(example, folder, views, parametrization, lr, steps, args.eval_every)
+                trials.setdefault(name, []).append(run)
+                print_run(name, run)
+    runs = {name: median_run(repeated) for name, repeated in trials.items()}
+    if args.repeats > 1:
+        print(f"\nmedians over {args.repeats} repeats")
+        for name, run in runs.items():
+            print_run(name, run)
 
     print_race(runs, [LR, *args.lrs])
     if args.json:
         settings = {"layer": LAYER, "k": K, "batch_size": BATCH, "lr": LR, "steps": steps, "eval_every": args.eval_every,
-                    "threads": args.threads, "sizes": sizes, "fraction": FRACTION}  # fmt: skip
+                    "threads": args.threads, "sizes": sizes, "fraction": FRACTION, "repeats": args.repeats}  # fmt: skip
         Path(args.json).write_text(json.dumps({"settings": settings, "machine": machine(), "runs": runs}, indent=1))
         print(f"wrote {args.json}")
+
+
+TIMINGS = ("setup_s", "step_ms", "first_epoch_step_ms", "steady_step_ms", "seconds_to_fraction")
+
+
+def median_run(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first trial (its curve, IIA and steps), with each timing the median over the trials,
+    which are all kept, without their curves, under ``repeats``."""
+    run = dict(trials[0])
+    for key in TIMINGS:
+        run[key] = statistics.median(trial[key] for trial in trials)
+    if len(trials) > 1:
+        run["repeats"] = [{key: value for key, value in trial.items() if key != "curve"} for trial in trials]
+    return run
 
 
 def print_run(name: str, run: dict[str, Any]) -> None:
