@@ -181,9 +181,10 @@ class SourceReader:
     has it (the nnsight adapter on a Hugging Face model, at a block output): the positions before
     the first read one run only until the site block has stored their keys and values.
 
-    The first call compares the two reads on its first rows; if they differ by more than
-    float rounding (``tolerance`` of the largest value), or the shorter read fails, this
-    reader warns once and reads by :meth:`activations` from then on.
+    The first call checks its shorter read of the first two rows against :meth:`activations`
+    of them; if they differ by more than float rounding (``tolerance`` of the largest value),
+    or the shorter read fails, this reader warns once and reads by :meth:`activations` from
+    then on.
     """
 
     def __init__(self, adapter: Any, site: str, model_name: str = "model", tolerance: float = 1e-4) -> None:
@@ -198,13 +199,16 @@ class SourceReader:
 
     def __call__(self, inputs: ModelInputs, positions: Tensor) -> Tensor:
         if self.by_key_values is None:
-            self.by_key_values = self._check(index_inputs(inputs, torch.arange(min(2, positions.shape[0]))), positions[:2])
+            shorter = self._checked(inputs, positions)
+            self.by_key_values = shorter is not None
+            if shorter is not None:
+                return shorter
         if self.by_key_values:
             return self.adapter.key_value_activations(inputs, self.site, positions)
         return self.adapter.activations(inputs, self.site, positions)
 
-    def _check(self, inputs: ModelInputs, positions: Tensor) -> bool:
-        full = self.adapter.activations(inputs, self.site, positions)
+    def _checked(self, inputs: ModelInputs, positions: Tensor) -> Tensor | None:
+        """The shorter read of every row, if its first two rows pass the check; else ``None``."""
         try:
             shorter = self.adapter.key_value_activations(inputs, self.site, positions)
         except (SiteError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
@@ -213,16 +217,19 @@ class SourceReader:
                 f"({type(error).__name__}: {error}); reading every position instead",
                 stacklevel=4,
             )
-            return False
-        difference = float((full.float() - shorter.float()).abs().max()) if full.shape == shorter.shape else float("inf")
+            return None
+        first = torch.arange(min(2, positions.shape[0]))
+        full = self.adapter.activations(index_inputs(inputs, first), self.site, positions[first.to(positions.device)])
+        shorter_first = shorter[first.to(shorter.device)]
+        difference = float((full.float() - shorter_first.float()).abs().max()) if full.shape == shorter_first.shape else float("inf")
         if not difference <= self.tolerance * max(1.0, float(full.float().abs().max())):
             warnings.warn(
                 f"model {self.model_name!r}: reading {self.site!r} after cached keys and values gives activations "
                 f"{difference:.3g} away from the full run's; reading every position instead",
                 stacklevel=4,
             )
-            return False
-        return True
+            return None
+        return shorter
 
 
 def dataset_prefixes(
