@@ -193,6 +193,32 @@ def test_a_row_cache_reads_ahead_the_rows_it_is_told_come_next() -> None:
     assert sorted(sum(asked, [])) == list(range(12))
 
 
+def test_a_row_cache_computes_rows_with_equal_inputs_once() -> None:
+    from masalign.rowcache import first_rows_alike
+
+    tokens = torch.tensor([[1, 2], [3, 4], [1, 2], [5, 6], [3, 4], [1, 2], [7, 8], [5, 6]])
+    positions = torch.tensor([[1], [1], [1], [0], [1], [0], [1], [0]])  # row 5 differs from row 0 here
+    first = first_rows_alike({"input_ids": tokens}, positions)()
+    assert first.tolist() == [0, 1, 0, 3, 1, 5, 6, 3]
+    floats = torch.tensor([[0.5, -0.0], [0.5, 0.0], [0.25, float("nan")], [0.5, -0.0], [0.25, float("nan")]])
+    assert first_rows_alike(floats)().tolist() == [0, 1, 2, 0, 2]  # bit for bit
+    asked: list[list[int]] = []
+
+    def compute(rows: Tensor) -> Tensor:
+        asked.append(rows.tolist())
+        return (tokens[rows, :1] * 10 + positions[rows]).float()
+
+    cache = RowCache(8, compute, batch_size=8, first_alike=first_rows_alike({"input_ids": tokens}, positions))
+    cache.read_ahead(torch.tensor([4, 6, 7, 3]), rows=4)
+    assert cache[torch.tensor([2, 0])][:, 0].tolist() == [11.0, 11.0]
+    # Rows 2 and 0 are one kind: row 0 computed for both; then the read-ahead's kinds:
+    # 4 is 1's, 7 is 3's (in the order they come).
+    assert asked == [[0, 1, 6, 3]]
+    assert cache[torch.tensor([4, 7, 6, 1])][:, 0].tolist() == [31.0, 50.0, 71.0, 31.0] and len(asked) == 1
+    assert cache.full()[:, 0].tolist() == [11.0, 31.0, 11.0, 50.0, 31.0, 10.0, 71.0, 50.0]
+    assert asked == [[0, 1, 6, 3], [5]]
+
+
 def test_fit_tells_its_caches_the_rows_of_the_next_batches() -> None:
     from masalign.train import _BatchSampler
 
@@ -279,7 +305,10 @@ def test_fit_reads_sources_over_cached_keys_and_values_once_checked(adapter: NNs
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hidden = alignment.source_activations("A", data.source_inputs, data.source_positions)
-    assert calls == [8]  # one read, its first two rows checked against the full read
+    # One read of the distinct rows (these pairs repeat three prompts), its first two checked
+    # against the full read; the repeats are copies.
+    distinct = len({(tuple(row.tolist()), tuple(p.tolist())) for row, p in zip(data.source_inputs["input_ids"], data.source_positions)})
+    assert calls == [distinct] and distinct < 8
     expected = adapter.activations(data.source_inputs, site, data.source_positions)
     assert (hidden - expected).abs().max() < 1e-5
 

@@ -27,7 +27,7 @@ from .data import CounterfactualData, ModelInputs, check_views, index_inputs, in
 from .logit_rows import logits_at
 from .memo import ActivationMemo
 from .prefix import SourceReader
-from .rowcache import RowCache
+from .rowcache import RowCache, first_rows_alike
 from .storage import FORMAT_VERSION, atomic_folder, read_save, write_json, write_tensors
 
 
@@ -215,7 +215,7 @@ class ModelAlignment(nn.Module):
             return hidden
 
         def make() -> RowCache:
-            return RowCache(positions.shape[0], read, batch_size)
+            return RowCache(positions.shape[0], read, batch_size, first_alike=first_rows_alike(inputs, positions))
 
         return make() if memo is None else memo.get("source", adapter, site, inputs, positions, make)
 

@@ -36,7 +36,7 @@ from .adapters.base import SiteError, parameter_devices, tokens_and_mask
 from .adapters.resume import KeyValuePrefix, check_resume_exact
 from .data import IGNORE_INDEX, CounterfactualData, ModelInputs, index_inputs, inputs_to, view_for
 from .memo import ActivationMemo
-from .rowcache import RowCache
+from .rowcache import RowCache, first_rows_alike
 
 PREFIX_CACHE_MAX_BYTES = 2 * 2**30  # per model and dataset
 
@@ -122,7 +122,10 @@ def prefix_row_cache(
             size = sample.nbytes * n // sample.states.shape[0]
             if size <= max_bytes:
                 return RowCache(
-                    n, lambda rows: adapter.key_value_prefix(inputs_to(index_inputs(inputs, rows), device), site, start).to("cpu"), batch_size
+                    n,
+                    lambda rows: adapter.key_value_prefix(inputs_to(index_inputs(inputs, rows), device), site, start).to("cpu"),
+                    batch_size,
+                    first_alike=first_rows_alike(inputs),
                 )
             warnings.warn(
                 f"keys and values of model {model_name!r} before position {start} would take {size / 2**20:.0f} MiB "
@@ -144,7 +147,9 @@ def prefix_row_cache(
     except SiteError as error:
         warnings.warn(f"model {model_name!r}: {error}; running the whole model each step instead", stacklevel=4)
         return None
-    return RowCache(n, lambda rows: adapter.prefix(inputs_to(index_inputs(inputs, rows), device), site).cpu(), batch_size)
+    return RowCache(
+        n, lambda rows: adapter.prefix(inputs_to(index_inputs(inputs, rows), device), site).cpu(), batch_size, first_alike=first_rows_alike(inputs)
+    )
 
 
 def _unchanged(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
