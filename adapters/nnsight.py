@@ -329,10 +329,15 @@ class NNsightAdapter:
         # in the cache, before that block's attention and MLP (a large share of a shallow model's
         # run). A model that never stores them there stops at the unembedding instead.
         update = cache.update
+        # Each block's keys and values as the block hands them to the cache: a sliding-window
+        # layer keeps only its window's last positions, not necessarily those before start.
+        handed: dict[int, tuple[Tensor, Tensor]] = {}
 
         def update_then_stop(key: Tensor, value: Tensor, *rest: Any, **options: Any) -> Any:
             stored = update(key, value, *rest, **options)
             layer = rest[0] if rest else options.get("layer_idx")
+            if isinstance(layer, int):
+                handed[layer] = (key, value)
             if layer == last and outputs:
                 raise StopForward
             return stored
@@ -360,10 +365,11 @@ class NNsightAdapter:
                 "runs resume with every position instead"
             )
         later = range(block_site.index + 1, len(block_site.stack))
+        kept = {j: handed.get(j, (layers[j].keys, layers[j].values)) for j in later}
         return KeyValuePrefix(
             states=hidden_of(outputs[0]).detach(),
-            keys=tuple(layers[j].keys[:, :, :start].detach() for j in later),
-            values=tuple(layers[j].values[:, :, :start].detach() for j in later),
+            keys=tuple(kept[j][0][:, :, :start].detach() for j in later),
+            values=tuple(kept[j][1][:, :, :start].detach() for j in later),
             start=start,
             first_block=block_site.index + 1,
             n_blocks=len(block_site.stack),

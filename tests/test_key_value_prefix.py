@@ -1,9 +1,9 @@
 """Steps that run only the positions from the first changed one, over cached keys and values.
 
-The nnsight adapter over Hugging Face Llama and GPT-2 (left-padded rows, attention
-masks): the run from a :class:`KeyValuePrefix` equals the full run at every
-position from its start, with its gradient; a fit with it trains as one without
-any cache; a prefix that does not reproduce the full run falls back with a
+The nnsight adapter over Hugging Face Llama, GPT-2 and Gemma-3 with sliding windows
+shorter than the prompts (left-padded rows, attention masks): the run from a
+:class:`KeyValuePrefix` equals the full run at every position from its start, with
+its gradient; a fit with it trains as one without any cache; a prefix that does not reproduce the full run falls back with a
 warning; an interchange before the start is refused. And :class:`RowCache`,
 which fills the caches as ``fit`` reads them.
 """
@@ -28,15 +28,16 @@ POSITIONS = torch.tensor([[7, 10], [8, 9], [9, 8]])
 START = 7
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3"])
 def adapter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> NNsightAdapter:
+    # gemma3: sliding-window layers with a window of 4, shorter than the prompts and the starts.
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     if request.param == "gpt2":
         torch.manual_seed(0)
         config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=3, n_head=2, bos_token_id=None, eos_token_id=None)
         return NNsightAdapter(GPT2LMHeadModel(config).eval())
-    return NNsightAdapter(AutoModelForCausalLM.from_pretrained(_hf_folder(tmp_path_factory, "llama")).eval())
+    return NNsightAdapter(AutoModelForCausalLM.from_pretrained(_hf_folder(tmp_path_factory, request.param)).eval())
 
 
 def _site(adapter: NNsightAdapter, layer: int) -> str:
@@ -90,10 +91,15 @@ def test_the_read_stops_once_the_last_blocks_keys_and_values_are_stored(adapter:
     _, arguments = adapter._call_arguments(inputs)  # with the position ids the adapter gives left-padded rows
     with torch.no_grad():
         full = adapter.model(**arguments, use_cache=True, output_hidden_states=True)
+        # The cache of a run of the positions before the start only: what a sliding-window
+        # layer keeps of them is its window's last positions, not those of the whole run.
+        before = adapter.model(**{name: value[:, :START] for name, value in arguments.items()}, use_cache=True)
     for j, (keys, values) in enumerate(zip(prefix.keys, prefix.values, strict=True), start=index + 1):
-        layer_cache = full.past_key_values.layers[j]
-        assert torch.allclose(keys, layer_cache.keys[:, :, :START], atol=1e-6)
-        assert torch.allclose(values, layer_cache.values[:, :, :START], atol=1e-6)
+        assert keys.shape[2] == values.shape[2] == START
+        layer_cache = before.past_key_values.layers[j]
+        kept = layer_cache.keys.shape[2]
+        assert torch.allclose(keys[:, :, -kept:], layer_cache.keys, atol=1e-6)
+        assert torch.allclose(values[:, :, -kept:], layer_cache.values, atol=1e-6)
     if layer != "last":  # the last hidden state is after the final norm in Hugging Face models
         assert torch.allclose(prefix.states, full.hidden_states[index + 1], atol=1e-6)
 
