@@ -225,6 +225,16 @@ def test_a_row_cache_computes_rows_with_equal_inputs_once() -> None:
     assert asked == [[0, 1, 6, 3], [5]]
 
 
+def test_rows_whose_hashes_collide_are_not_taken_for_each_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    from masalign import rowcache
+
+    rows = torch.tensor([[1, 2], [3, 4], [1, 2], [3, 4], [5, 6]])
+    # Every row hashes alike: only rows equal to the group's first are repeats; the others
+    # stand for themselves (a copy lost, never a wrong one).
+    monkeypatch.setattr(rowcache.torch, "rand", lambda n, **options: torch.zeros(n, dtype=torch.float64))
+    assert rowcache.first_rows_alike(rows)().tolist() == [0, 1, 0, 3, 4]
+
+
 def test_fit_tells_its_caches_the_rows_of_the_next_batches() -> None:
     from masalign.train import _BatchSampler
 
