@@ -328,33 +328,12 @@ class NNsightAdapter:
         # The last block's keys and values are all it contributes: the run stops once they are
         # in the cache, before that block's attention and MLP (a large share of a shallow model's
         # run). A model that never stores them there stops at the unembedding instead.
-        update = cache.update
-        # Each block's keys and values as the block hands them to the cache: a sliding-window
-        # layer keeps only its window's last positions, not necessarily those before start.
-        handed: dict[int, tuple[Tensor, Tensor]] = {}
-
-        def update_then_stop(key: Tensor, value: Tensor, *rest: Any, **options: Any) -> Any:
-            stored = update(key, value, *rest, **options)
-            layer = rest[0] if rest else options.get("layer_idx")
-            if isinstance(layer, int):
-                handed[layer] = (key, value)
-            if layer == last and outputs:
-                raise StopForward
-            return stored
-
-        cache.update = update_then_stop
+        handed = _recording_updates(cache, lambda layer: layer == last and bool(outputs))
         handles = [
             block_site.stack[block_site.index].register_forward_hook(read_site),
             self.output_module().register_forward_pre_hook(stop),
         ]
-        try:
-            with torch.no_grad(), explaining_inference_weights(self.model, self.name):
-                self._envoy.trace(*args, trace=False, use_cache=True, **kwargs)
-        except StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        self._run_until_stopped(args, kwargs, handles)
         if len(outputs) != 1:
             raise SiteError(f"{self.name}: block {block_site.index} ran {len(outputs)} times in one forward pass, not once")
         self._resumer.learn_output(site, outputs[0])
@@ -398,16 +377,6 @@ class NNsightAdapter:
             return self.activations(inputs, site, positions)
         args, kwargs = self._call_arguments(inputs)
         cache = DynamicCache(config=getattr(self.model, "config", None))
-        update = cache.update
-        stored: list[int] = []
-
-        def update_then_stop(key: Tensor, value: Tensor, *rest: Any, **options: Any) -> Any:
-            result = update(key, value, *rest, **options)
-            layer = rest[0] if rest else options.get("layer_idx")
-            stored.append(layer)
-            if layer == block_site.index:
-                raise StopForward  # the site's block has its keys and values: nothing later is read
-            return result
 
         def stop(module: nn.Module, args: Any) -> None:
             raise StopForward
@@ -420,32 +389,31 @@ class NNsightAdapter:
 
         before_args, before_kwargs = _call_until(args, kwargs, start)
         before_kwargs[self._cache_argument()] = cache
-        handle = self.output_module().register_forward_pre_hook(stop)
-        cache.update = update_then_stop
-        try:
-            with torch.no_grad(), explaining_inference_weights(self.model, self.name):
-                self._envoy.trace(*before_args, trace=False, use_cache=True, **before_kwargs)
-        except StopForward:
-            pass
-        finally:
-            handle.remove()
-            del cache.update  # the instance attribute: the class's update again
-        if block_site.index not in stored:
+        # The site's block has its keys and values: nothing later is read.
+        handed = _recording_updates(cache, lambda layer: layer == block_site.index)
+        self._run_until_stopped(before_args, before_kwargs, [self.output_module().register_forward_pre_hook(stop)])
+        del cache.update  # the instance attribute: the class's update again
+        if block_site.index not in handed:
             raise SiteError(f"{self.name}: block {block_site.index} stored no keys and values in its cache")
         after_args, after_kwargs = _call_from(args, kwargs, start, self._forward_parameters)
         after_kwargs[self._cache_argument()] = cache
-        handle = block_site.stack[block_site.index].register_forward_hook(read_site)
-        try:
-            with torch.no_grad(), explaining_inference_weights(self.model, self.name):
-                self._envoy.trace(*after_args, trace=False, use_cache=True, **after_kwargs)
-        except StopForward:
-            pass
-        finally:
-            handle.remove()
+        self._run_until_stopped(after_args, after_kwargs, [block_site.stack[block_site.index].register_forward_hook(read_site)])
         if len(outputs) != 1:
             raise SiteError(f"{self.name}: block {block_site.index} ran {len(outputs)} times in one forward pass, not once")
         shifted = torch.where(positions >= 0, positions - start, positions)
         return gather_rows(_element_of(outputs[0], spec.element), shifted, site)
+
+    def _run_until_stopped(self, args: tuple[Any, ...], kwargs: dict[str, Any], handles: list[Any]) -> None:
+        """One untraced forward with ``use_cache=True`` and without gradient, which a hook may end
+        early with :class:`StopForward`; ``handles`` (those hooks) are removed after it."""
+        try:
+            with torch.no_grad(), explaining_inference_weights(self.model, self.name):
+                self._envoy.trace(*args, trace=False, use_cache=True, **kwargs)
+        except StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _run_from_key_values(
         self, inputs: ModelInputs, site: str, prefix: KeyValuePrefix, positions: Tensor, replace: Replacement
@@ -682,6 +650,26 @@ def _call_from(
         return value[:, start:]
 
     return tuple(cut(None, a) for a in args), {name: cut(name, value) for name, value in kwargs.items()}
+
+
+def _recording_updates(cache: Any, stop_after: Callable[[int], bool]) -> dict[int, tuple[Tensor, Tensor]]:
+    """Each layer's keys and values as its block hands them to ``cache`` (a sliding-window layer
+    keeps only its window's last positions), recorded by wrapping ``cache.update``; the run ends
+    with :class:`StopForward` once a layer for which ``stop_after(layer)`` has been stored."""
+    update = cache.update
+    handed: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def update_then_stop(key: Tensor, value: Tensor, *rest: Any, **options: Any) -> Any:
+        stored = update(key, value, *rest, **options)
+        layer = rest[0] if rest else options.get("layer_idx")
+        if isinstance(layer, int):
+            handed[layer] = (key, value)
+            if stop_after(layer):
+                raise StopForward
+        return stored
+
+    cache.update = update_then_stop
+    return handed
 
 
 def _call_until(args: tuple[Any, ...], kwargs: dict[str, Any], stop: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
