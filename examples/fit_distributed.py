@@ -63,6 +63,9 @@ def main() -> None:
             print(evaluate(alignment, TASK.counterfactual_pairs(600, seed=3)))
             alignment.save(args.out, overwrite=True)
             print(f"saved to {args.out}")
+        # Every process waits for rank 0's evaluation and save: none tears the
+        # process group down while another may still use it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -45,13 +45,19 @@ def _main(output: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    rank = dist.get_rank()
     try:
         assert distributed.world_size() == 2
         state, result = _fit()
         if distributed.is_main():
             torch.save({"state": state, "history": result.history, "steps": result.steps, "best_step": result.best_step}, output)
+        print(f"rank {rank}: fit done", file=sys.stderr, flush=True)
+        # No process tears its process group down while another may still use it
+        # (a gloo peer closing early aborted the other process once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    print(f"rank {rank}: process group destroyed", file=sys.stderr, flush=True)
 
 
 def test_two_processes_fit_the_same_alignment_as_one(tmp_path: Path) -> None:
