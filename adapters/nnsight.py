@@ -39,7 +39,7 @@ import contextlib
 import functools
 import inspect
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +72,7 @@ from .resume import (
     left_padded_unembedding,
     resumed_at,
 )
+from .shared_prefix import KEY_VALUE_SHARE, RUN_COST, Segment, distinct_prefix_counts, gather_segments, plan_segments, prefix_columns, prefix_groups
 
 _SITE_PATTERN = re.compile(r"^(?P<path>.+)\.(?P<slot>output|input)(?:\[(?P<element>\d+)\])?$")
 
@@ -302,15 +303,46 @@ class NNsightAdapter:
         """The forward's key/value cache argument: ``cache`` (transformers >= 5.20) or ``past_key_values``."""
         return next((name for name in ("cache", "past_key_values") if name in self._forward_parameters), None)
 
-    def key_value_prefix(self, inputs: ModelInputs, site: str, start: int) -> KeyValuePrefix:
+    def key_value_prefix(self, inputs: ModelInputs, site: str, start: int, cuts: Sequence[int] | None = None) -> KeyValuePrefix:
         """:meth:`prefix`'s states, and the keys and values of the blocks after ``site`` at positions
         ``0..start-1``, from one run of the whole inputs with ``use_cache=True``, without gradient
         (in a causal model a position's keys and values depend on none after it). The run stops
-        as soon as the last block's keys and values are stored."""
+        as soon as the last block's keys and values are stored.
+
+        Rows whose prompts begin alike run those positions once
+        (:mod:`masalign.adapters.shared_prefix`): the prompt is cut where that saves
+        most, or at ``cuts`` (``0 < c_1 < ... < seq``; ``[0, seq]`` for one run)."""
         from transformers import DynamicCache
 
         block_site = self._resumable(site, inputs)
         self.check_inputs(inputs)
+        tokens = _tokens_and_mask(inputs)[0]
+        last = len(block_site.stack) - 1
+        site_blocks = block_site.index + 1  # the blocks up to the site's, whole
+
+        def position_cost(a: int, b: int) -> float:
+            return last + KEY_VALUE_SHARE if a < start and last > block_site.index else site_blocks
+
+        segments = self._shared_prefix_segments(
+            inputs, tokens.shape[1], cuts, position_cost, lambda rows: RUN_COST + rows * tokens.shape[1] * position_cost(0, 1)
+        )
+        if segments is not None:
+            kv_parts, state_parts = self._run_segments(inputs, site, block_site, segments, last, start, 0)
+            later = range(block_site.index + 1, len(block_site.stack))
+            rows = torch.arange(tokens.shape[0])
+            kv_segments = [segment for segment in segments if segment.start < start]
+
+            def gathered(j: int, which: int) -> Tensor:
+                return gather_segments([kv_parts[s][j][which] for s in range(len(kv_segments))], kv_segments, rows, dim=2)[:, :, :start]
+
+            return KeyValuePrefix(
+                states=gather_segments(state_parts, segments, rows, dim=1),
+                keys=tuple(gathered(j, 0) for j in later),
+                values=tuple(gathered(j, 1) for j in later),
+                start=start,
+                first_block=block_site.index + 1,
+                n_blocks=len(block_site.stack),
+            )
         args, kwargs = self._call_arguments(inputs)
         cache = DynamicCache(config=getattr(self.model, "config", None))
         kwargs[self._cache_argument()] = cache
@@ -354,7 +386,7 @@ class NNsightAdapter:
             n_blocks=len(block_site.stack),
         )
 
-    def key_value_activations(self, inputs: ModelInputs, site: str, positions: Tensor) -> Tensor:
+    def key_value_activations(self, inputs: ModelInputs, site: str, positions: Tensor, cuts: Sequence[int] | None = None) -> Tensor:
         """:meth:`activations` at a block output (:meth:`supports_key_values`), from two shorter runs:
         the positions before the first read one run only until the site block has stored their
         keys and values, then the positions from it on run up to the site, attending to them.
@@ -364,7 +396,8 @@ class NNsightAdapter:
         :meth:`activations` on its first rows). For a read at the last token of an early
         block, the site's block and the blocks before it run one position instead of the
         whole prompt after its attention inputs (the MLP of a 2-layer GPT-2's block 0 over
-        13 tokens is most of that read).
+        13 tokens is most of that read). Rows whose prompts begin alike run those positions
+        once, as in :meth:`key_value_prefix` (``cuts`` likewise).
         """
         from transformers import DynamicCache
 
@@ -375,6 +408,29 @@ class NNsightAdapter:
         start = int(read.min()) if read.numel() else 0
         if start == 0:
             return self.activations(inputs, site, positions)
+        end = int(read.max()) + 1
+        tokens = _tokens_and_mask(inputs)[0]
+
+        def position_cost(a: int, b: int) -> float:
+            # A segment holding a read position runs the site's block whole, at every position.
+            return block_site.index + (1 if b > start else KEY_VALUE_SHARE)
+
+        def plain_cost(rows: int) -> float:
+            return 2 * RUN_COST + rows * (start * position_cost(0, 1) + (tokens.shape[1] - start) * (block_site.index + 1))
+
+        segments = self._shared_prefix_segments(inputs, end, cuts, position_cost, plain_cost)
+        if segments is not None:
+            # Every segment runs up to the site's block only; those holding a read position to its output.
+            _, state_parts = self._run_segments(inputs, site, block_site, segments, block_site.index, 0, start)
+            rows = torch.arange(positions.shape[0])
+            states = torch.cat(
+                [
+                    part[segment.group_of_row.to(part.device)] if part is not None else _zeros_for(state_parts, segment, len(rows))
+                    for part, segment in zip(state_parts, segments, strict=True)
+                ],
+                dim=1,
+            )
+            return gather_rows(states, positions, site)
         args, kwargs = self._call_arguments(inputs)
         cache = DynamicCache(config=getattr(self.model, "config", None))
 
@@ -402,6 +458,92 @@ class NNsightAdapter:
             raise SiteError(f"{self.name}: block {block_site.index} ran {len(outputs)} times in one forward pass, not once")
         shifted = torch.where(positions >= 0, positions - start, positions)
         return gather_rows(_element_of(outputs[0], spec.element), shifted, site)
+
+    def _shared_prefix_segments(
+        self, inputs: ModelInputs, end: int, cuts: Sequence[int] | None, position_cost: Callable[[int, int], float], plain_cost: Callable[[int], float]
+    ) -> list[Segment] | None:
+        """The segments a read of positions ``0..end-1`` runs in, or ``None`` for the plain reads:
+        where rows share enough of their prompts' beginnings (or ``cuts`` says where), for token
+        inputs (and a 2-d attention mask) of a model whose cache layers are all plain ones (a
+        sliding-window layer keeps only its window: a cache rebuilt from a segment's keys is not
+        the one a full run builds). ``position_cost(a, b)``: the blocks a segment ``[a, b)`` runs
+        per position; ``plain_cost(rows)``: the plain reads' cost (see :func:`plan_segments`)."""
+        if self._cache_layers_from_config or end <= 1:
+            return None
+        if isinstance(inputs, Mapping) and set(inputs) - {"input_ids", "attention_mask"}:
+            return None
+        tokens, mask = _tokens_and_mask(inputs)
+        if tokens.dim() != 2 or tokens.is_floating_point() or (isinstance(inputs, Mapping) and "attention_mask" in inputs and mask is None):
+            return None
+        columns = prefix_columns(tokens[:, :end].cpu(), None if mask is None else mask[:, :end].cpu())
+        if cuts is None:
+            cuts = plan_segments(distinct_prefix_counts(columns), end, position_cost, plain_cost(tokens.shape[0]))
+        else:
+            cuts = [int(c) for c in cuts]
+            if cuts[0] != 0 or cuts[-1] != end or any(b <= a for a, b in zip(cuts, cuts[1:])):
+                raise ValueError(f"{self.name}: cuts must rise from 0 to {end} (the positions read); got {cuts}")
+        return None if len(cuts) == 2 else prefix_groups(columns, cuts)
+
+    def _run_segments(
+        self, inputs: ModelInputs, site: str, block_site: BlockSite, segments: list[Segment], last_layer: int, kv_until: int, states_from: int
+    ) -> tuple[list[dict[int, tuple[Tensor, Tensor]]], list[Tensor | None]]:
+        """Run each segment once per group, without gradient, attending to the keys and values of
+        its group's earlier segments. A segment starting before ``kv_until`` stores every block's
+        keys and values up to ``last_layer``, the others up to the site's block; one ending after
+        ``states_from`` also gives the site's states. Returns, per segment, each block's keys and
+        values (``(groups, kv_heads, length, head_dim)``) and the states (``(groups, length,
+        width)``, or ``None``)."""
+        from transformers import DynamicCache
+
+        tokens = _tokens_and_mask(inputs)[0]
+        kv_parts: list[dict[int, tuple[Tensor, Tensor]]] = []
+        state_parts: list[Tensor | None] = []
+        for index, segment in enumerate(segments):
+            first = segment.first_row.to(tokens.device)
+            chosen = inputs[first] if isinstance(inputs, Tensor) else {name: value[first] for name, value in inputs.items()}
+            args, kwargs = _call_until(*self._call_arguments(chosen), segment.end)
+            stop_layer = last_layer if segment.start < kv_until else block_site.index
+            want_states = segment.end > states_from
+            if segment.start == 0:
+                cache = DynamicCache()
+            else:
+                earlier = segments[:index]
+
+                def past(layer: int, which: int) -> Tensor:
+                    return gather_segments([kv_parts[s][layer][which] for s in range(index)], earlier, segment.first_row, dim=2)
+
+                cache = DynamicCache(ddp_cache_data=[(past(j, 0), past(j, 1)) for j in range(stop_layer + 1)])
+                args, kwargs = _call_from(args, kwargs, segment.start, self._forward_parameters)
+            kwargs[self._cache_argument()] = cache
+            outputs: list[Any] = []
+
+            def read_site(module: nn.Module, args: Any, output: Any, stop_layer: int = stop_layer, outputs: list[Any] = outputs) -> None:
+                outputs.append(output)
+                if stop_layer == block_site.index:
+                    raise StopForward  # its keys and values were stored before its output
+
+            def stop(module: nn.Module, args: Any) -> None:
+                raise StopForward
+
+            handed = _recording_updates(
+                cache, lambda layer, stop_layer=stop_layer, want=want_states, outputs=outputs: layer == stop_layer and (bool(outputs) or not want)
+            )
+            handles = [self.output_module().register_forward_pre_hook(stop)]
+            if want_states:
+                handles.append(block_site.stack[block_site.index].register_forward_hook(read_site))
+            self._run_until_stopped(args, kwargs, handles)
+            del cache.update  # the instance attribute: the class's update again
+            missing = [j for j in range(stop_layer + 1) if j not in handed]
+            if missing or (want_states and len(outputs) != 1):
+                raise SiteError(
+                    f"{self.name}: a run of positions {segment.start}..{segment.end - 1} stored no keys and values "
+                    f"for blocks {missing}" if missing else f"{self.name}: block {block_site.index} ran {len(outputs)} times in one run"
+                )
+            if outputs:
+                self._resumer.learn_output(site, outputs[0])
+            kv_parts.append({j: (key.detach(), value.detach()) for j, (key, value) in handed.items() if j <= stop_layer})
+            state_parts.append(hidden_of(outputs[0]).detach() if outputs else None)
+        return kv_parts, state_parts
 
     def _run_until_stopped(self, args: tuple[Any, ...], kwargs: dict[str, Any], handles: list[Any]) -> None:
         """One untraced forward with ``use_cache=True`` and without gradient, which a hook may end
@@ -670,6 +812,12 @@ def _recording_updates(cache: Any, stop_after: Callable[[int], bool]) -> dict[in
 
     cache.update = update_then_stop
     return handed
+
+
+def _zeros_for(state_parts: list[Tensor | None], segment: Segment, rows: int) -> Tensor:
+    """Zeros standing for a segment's states that nothing reads (positions before the first read one)."""
+    like = next(part for part in state_parts if part is not None)
+    return like.new_zeros(rows, segment.end - segment.start, *like.shape[2:])
 
 
 def _call_until(args: tuple[Any, ...], kwargs: dict[str, Any], stop: int) -> tuple[tuple[Any, ...], dict[str, Any]]:

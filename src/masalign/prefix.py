@@ -25,6 +25,7 @@ prefix, and costs ``N x later blocks x 2 x start x kv width`` floats more.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -168,7 +169,7 @@ def _check_key_values_exact(
 
     full = adapter.run_with_replacement(inputs, site, positions, shifted)[:, start:].detach()
     try:
-        prefix = adapter.key_value_prefix(inputs, site, start)
+        prefix = adapter.key_value_prefix(inputs, site, start, **_split_in_two(adapter, inputs, start))
         resumed = adapter.run_from_prefix(inputs, site, prefix, positions, shifted)[:, start:].detach()
     except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
         raise SiteError(f"running positions {start}.. from cached keys and values failed ({type(error).__name__}: {error})") from error
@@ -179,6 +180,15 @@ def _check_key_values_exact(
             f"running positions {start}.. from cached keys and values gives logits {difference:.3g} away from the full run's"
         )
     return prefix
+
+
+def _split_in_two(adapter: Any, inputs: ModelInputs, start: int) -> dict[str, list[int]]:
+    """``cuts`` that make an adapter which reads shared prompt prefixes in segments
+    (:mod:`masalign.adapters.shared_prefix`) read these rows in two, so that the check covers
+    its segments' keys and values as well; nothing for other adapters."""
+    if start < 2 or "cuts" not in inspect.signature(adapter.key_value_prefix).parameters:
+        return {}
+    return {"cuts": [0, start // 2, tokens_and_mask(inputs)[0].shape[1]]}
 
 
 class SourceReader:
