@@ -72,7 +72,16 @@ from .resume import (
     left_padded_unembedding,
     resumed_at,
 )
-from .shared_prefix import KEY_VALUE_SHARE, RUN_COST, Segment, distinct_prefix_counts, gather_segments, plan_segments, prefix_columns, prefix_groups
+from .shared_prefix import (
+    KEY_VALUE_SHARE,
+    Segment,
+    distinct_prefix_counts,
+    gather_segments,
+    plan_segments,
+    prefix_columns,
+    prefix_groups,
+    run_cost,
+)
 
 _SITE_PATTERN = re.compile(r"^(?P<path>.+)\.(?P<slot>output|input)(?:\[(?P<element>\d+)\])?$")
 
@@ -324,7 +333,7 @@ class NNsightAdapter:
             return last + KEY_VALUE_SHARE if a < start and last > block_site.index else site_blocks
 
         segments = self._shared_prefix_segments(
-            inputs, tokens.shape[1], cuts, position_cost, lambda rows: RUN_COST + rows * tokens.shape[1] * position_cost(0, 1)
+            inputs, tokens.shape[1], cuts, position_cost, lambda rows, fixed: fixed + rows * tokens.shape[1] * position_cost(0, 1)
         )
         if segments is not None:
             kv_parts, state_parts = self._run_segments(inputs, site, block_site, segments, last, start, 0)
@@ -415,8 +424,8 @@ class NNsightAdapter:
             # A segment holding a read position runs the site's block whole, at every position.
             return block_site.index + (1 if b > start else KEY_VALUE_SHARE)
 
-        def plain_cost(rows: int) -> float:
-            return 2 * RUN_COST + rows * (start * position_cost(0, 1) + (tokens.shape[1] - start) * (block_site.index + 1))
+        def plain_cost(rows: int, fixed: float) -> float:
+            return 2 * fixed + rows * (start * position_cost(0, 1) + (tokens.shape[1] - start) * (block_site.index + 1))
 
         segments = self._shared_prefix_segments(inputs, end, cuts, position_cost, plain_cost)
         if segments is not None:
@@ -460,16 +469,26 @@ class NNsightAdapter:
         return gather_rows(_element_of(outputs[0], spec.element), shifted, site)
 
     def _shared_prefix_segments(
-        self, inputs: ModelInputs, end: int, cuts: Sequence[int] | None, position_cost: Callable[[int, int], float], plain_cost: Callable[[int], float]
+        self,
+        inputs: ModelInputs,
+        end: int,
+        cuts: Sequence[int] | None,
+        position_cost: Callable[[int, int], float],
+        plain_cost: Callable[[int, float], float],
     ) -> list[Segment] | None:
         """The segments a read of positions ``0..end-1`` runs in, or ``None`` for the plain reads:
         where rows share enough of their prompts' beginnings (or ``cuts`` says where), for token
         inputs (and a 2-d attention mask) of a model whose cache layers are all plain ones (a
         sliding-window layer keeps only its window: a cache rebuilt from a segment's keys is not
-        the one a full run builds). ``position_cost(a, b)``: the blocks a segment ``[a, b)`` runs
-        per position; ``plain_cost(rows)``: the plain reads' cost (see :func:`plan_segments`)."""
-        if self._cache_layers_from_config or end <= 1:
+        the one a full run builds, unless the window holds every position read).
+        ``position_cost(a, b)``: the blocks a segment ``[a, b)`` runs per position;
+        ``plain_cost(rows, run_cost)``: the plain reads' cost (see :func:`plan_segments`)."""
+        if end <= 1:
             return None
+        if self._cache_layers_from_config:
+            window = getattr(getattr(self.model, "config", None), "sliding_window", None)
+            if not isinstance(window, int) or end > window:
+                return None
         if isinstance(inputs, Mapping) and set(inputs) - {"input_ids", "attention_mask"}:
             return None
         tokens, mask = _tokens_and_mask(inputs)
@@ -477,7 +496,8 @@ class NNsightAdapter:
             return None
         columns = prefix_columns(tokens[:, :end].cpu(), None if mask is None else mask[:, :end].cpu())
         if cuts is None:
-            cuts = plan_segments(distinct_prefix_counts(columns), end, position_cost, plain_cost(tokens.shape[0]))
+            fixed = run_cost(tokens.device)
+            cuts = plan_segments(distinct_prefix_counts(columns), end, position_cost, plain_cost(tokens.shape[0], fixed), fixed)
         else:
             cuts = [int(c) for c in cuts]
             if cuts[0] != 0 or cuts[-1] != end or any(b <= a for a, b in zip(cuts, cuts[1:])):
@@ -504,15 +524,17 @@ class NNsightAdapter:
             args, kwargs = _call_until(*self._call_arguments(chosen), segment.end)
             stop_layer = last_layer if segment.start < kv_until else block_site.index
             want_states = segment.end > states_from
+            # Built from the config where that gives other layer kinds (sliding windows).
+            config = getattr(self.model, "config", None) if self._cache_layers_from_config else None
             if segment.start == 0:
-                cache = DynamicCache()
+                cache = DynamicCache(config=config)
             else:
                 earlier = segments[:index]
 
                 def past(layer: int, which: int) -> Tensor:
                     return gather_segments([kv_parts[s][layer][which] for s in range(index)], earlier, segment.first_row, dim=2)
 
-                cache = DynamicCache(ddp_cache_data=[(past(j, 0), past(j, 1)) for j in range(stop_layer + 1)])
+                cache = DynamicCache(ddp_cache_data=[(past(j, 0), past(j, 1)) for j in range(stop_layer + 1)], config=config)
                 args, kwargs = _call_from(args, kwargs, segment.start, self._forward_parameters)
             kwargs[self._cache_argument()] = cache
             outputs: list[Any] = []

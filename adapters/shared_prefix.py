@@ -31,6 +31,10 @@ from torch import Tensor
 # Larger models cost more per block-position, so cutting is cheaper for them than this
 # assumes: they are cut less often than would pay.
 RUN_COST = 300
+# On a GPU a run's fixed cost (kernel launches, Python) is a far larger share of a read:
+# cut only where that saves much more (not measured here: no GPU on the machines this
+# was written on).
+CUDA_RUN_COST_FACTOR = 30
 # A block that only computes its keys and values (the run stops there) costs about this
 # share of a whole block (its norm and key/value projection of the attention input).
 KEY_VALUE_SHARE = 0.25
@@ -88,9 +92,16 @@ def distinct_prefix_counts(columns: Tensor) -> Tensor:
     return counts
 
 
-def plan_segments(counts: Tensor, end: int, position_cost: Callable[[int, int], float], plain_cost: float) -> list[int]:
+def run_cost(device: torch.device) -> float:
+    """One run's fixed cost on ``device``, in block-positions (:data:`RUN_COST`)."""
+    return RUN_COST * (CUDA_RUN_COST_FACTOR if device.type == "cuda" else 1)
+
+
+def plan_segments(
+    counts: Tensor, end: int, position_cost: Callable[[int, int], float], plain_cost: float, run_cost: float = RUN_COST
+) -> list[int]:
     """Cut points ``0 = c_0 < c_1 < ... < c_m = end`` that minimise the summed cost of the segment
-    runs, ``RUN_COST + counts[b] * (b - a) * position_cost(a, b)`` for a segment ``[a, b)`` (the
+    runs, ``run_cost + counts[b] * (b - a) * position_cost(a, b)`` for a segment ``[a, b)`` (the
     blocks it runs, per position); ``[0, end]`` (the plain reads, ``plain_cost``) unless cutting
     costs at most :data:`WORTH_IT` of that."""
     if end <= 1:
@@ -105,7 +116,7 @@ def plan_segments(counts: Tensor, end: int, position_cost: Callable[[int, int], 
     best: dict[int, tuple[float, list[int]]] = {0: (0.0, [0])}
     for b in points[1:]:
         best[b] = min(
-            ((cost + RUN_COST + int(counts[b]) * (b - a) * position_cost(a, b), [*cuts, b]) for a, (cost, cuts) in best.items() if a < b),
+            ((cost + run_cost + int(counts[b]) * (b - a) * position_cost(a, b), [*cuts, b]) for a, (cost, cuts) in best.items() if a < b),
             key=lambda option: option[0],
         )
     cost, cuts = best[end]
@@ -138,4 +149,4 @@ def gather_segments(parts: list[Tensor], segments: list[Segment], rows: Tensor, 
     return torch.cat([part[segment.group_of_row[rows].to(part.device)] for part, segment in zip(parts, segments, strict=True)], dim=dim)
 
 
-__all__ = ["KEY_VALUE_SHARE", "RUN_COST", "Segment", "distinct_prefix_counts", "gather_segments", "plan_segments", "prefix_columns", "prefix_groups"]
+__all__ = ["KEY_VALUE_SHARE", "RUN_COST", "Segment", "run_cost", "distinct_prefix_counts", "gather_segments", "plan_segments", "prefix_columns", "prefix_groups"]

@@ -2,7 +2,8 @@
 
 The bookkeeping (groups exact even when hashes collide, counts, where to cut) on
 token tensors, and the nnsight adapter's segmented reads over Hugging Face Llama,
-GPT-2 and Gemma-3 (whose sliding-window layers read in one run): prefixes and
+GPT-2 and Gemma-3 (sliding windows shorter than the prompts: read in one run;
+longer: in segments): prefixes and
 source reads equal the plain ones, the runs from them equal the full run, and the
 blocks run fewer positions.
 """
@@ -91,20 +92,31 @@ def test_cuts_are_planned_where_rows_share_prefixes_and_only_where_that_pays() -
 # -- the adapter's segmented reads -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3", "gemma3 window 16"])
 def adapter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> NNsightAdapter:
+    # gemma3: sliding windows of 4, shorter than the prompts (read in one run); of 16, longer.
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     if request.param == "gpt2":
         torch.manual_seed(0)
         config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=3, n_head=2, bos_token_id=None, eos_token_id=None)
         return NNsightAdapter(GPT2LMHeadModel(config).eval())
+    if request.param == "gemma3 window 16":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        torch.manual_seed(0)
+        config = Gemma3TextConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=16, max_position_embeddings=64, pad_token_id=0, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        )  # fmt: skip
+        return NNsightAdapter(Gemma3ForCausalLM(config).eval())
     return NNsightAdapter(AutoModelForCausalLM.from_pretrained(_hf_folder(tmp_path_factory, request.param)).eval())
 
 
 def _segmented(adapter: NNsightAdapter) -> bool:
-    """Whether this model reads in segments (not Gemma-3's sliding-window layers)."""
-    return not adapter._cache_layers_from_config
+    """Whether this model reads in segments: not where a sliding window is shorter than the prompts."""
+    return getattr(adapter.model.config, "sliding_window", None) in (None, 16)
 
 
 def _mlp_positions(adapter: NNsightAdapter, read) -> tuple[object, int]:  # noqa: ANN001
