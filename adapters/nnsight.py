@@ -338,14 +338,13 @@ class NNsightAdapter:
         if segments is not None:
             kv_parts, state_parts = self._run_segments(inputs, site, block_site, segments, last, start, 0)
             later = range(block_site.index + 1, len(block_site.stack))
-            rows = torch.arange(tokens.shape[0])
             kv_segments = [segment for segment in segments if segment.start < start]
 
             def gathered(j: int, which: int) -> Tensor:
-                return gather_segments([kv_parts[s][j][which] for s in range(len(kv_segments))], kv_segments, rows, dim=2)[:, :, :start]
+                return gather_segments([kv_parts[s][j][which] for s in range(len(kv_segments))], kv_segments, None, dim=2)[:, :, :start]
 
             return KeyValuePrefix(
-                states=gather_segments(state_parts, segments, rows, dim=1),
+                states=gather_segments(state_parts, segments, None, dim=1),
                 keys=tuple(gathered(j, 0) for j in later),
                 values=tuple(gathered(j, 1) for j in later),
                 start=start,
@@ -431,10 +430,11 @@ class NNsightAdapter:
         if segments is not None:
             # Every segment runs up to the site's block only; those holding a read position to its output.
             _, state_parts = self._run_segments(inputs, site, block_site, segments, block_site.index, 0, start)
-            rows = torch.arange(positions.shape[0])
             states = torch.cat(
                 [
-                    part[segment.group_of_row.to(part.device)] if part is not None else _zeros_for(state_parts, segment, len(rows))
+                    part.index_select(0, segment.group_of_row.to(part.device))
+                    if part is not None
+                    else _zeros_for(state_parts, segment, positions.shape[0])
                     for part, segment in zip(state_parts, segments, strict=True)
                 ],
                 dim=1,

@@ -143,10 +143,13 @@ def prefix_groups(columns: Tensor, cuts: list[int]) -> list[Segment]:
     return segments
 
 
-def gather_segments(parts: list[Tensor], segments: list[Segment], rows: Tensor, dim: int) -> Tensor:
-    """Each of ``rows``' values along its groups' segments: ``parts[s]`` holds segment ``s``'s
-    values per group (group first, positions along ``dim``), concatenated along ``dim``."""
-    return torch.cat([part[segment.group_of_row[rows].to(part.device)] for part, segment in zip(parts, segments, strict=True)], dim=dim)
+def gather_segments(parts: list[Tensor], segments: list[Segment], rows: Tensor | None, dim: int) -> Tensor:
+    """Each of ``rows``' values (every row for ``None``) along its groups' segments: ``parts[s]``
+    holds segment ``s``'s values per group (group first, positions along ``dim``), concatenated
+    along ``dim``."""
+    groups = [segment.group_of_row if rows is None else segment.group_of_row[rows] for segment in segments]
+    # index_select: a third of advanced indexing's time on these 4-d key tensors.
+    return torch.cat([part.index_select(0, group.to(part.device)) for part, group in zip(parts, groups, strict=True)], dim=dim)
 
 
 __all__ = ["KEY_VALUE_SHARE", "RUN_COST", "Segment", "run_cost", "distinct_prefix_counts", "gather_segments", "plan_segments", "prefix_columns", "prefix_groups"]
