@@ -320,7 +320,8 @@ class NNsightAdapter:
 
         Rows whose prompts begin alike run those positions once
         (:mod:`masalign.adapters.shared_prefix`): the prompt is cut where that saves
-        most, or at ``cuts`` (``0 < c_1 < ... < seq``; ``[0, seq]`` for one run)."""
+        most, or at ``cuts`` (``0 < c_1 < ... < seq``; ``[0, seq]`` for one run). A model whose
+        sliding-window layers are shorter than the prompt reads in one run, whatever ``cuts`` say."""
         from transformers import DynamicCache
 
         block_site = self._resumable(site, inputs)
