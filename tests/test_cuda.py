@@ -176,6 +176,30 @@ def test_an_nnsight_model_on_the_gpu_gives_the_cpu_numbers_and_trains_from_cache
     assert result.steps > 0 and all(torch.isfinite(p).all() for p in on_gpu.parameters())
 
 
+def test_an_nnsight_model_on_the_gpu_reads_shared_prompt_prefixes_as_the_cpu_reads_whole_prompts(pairs) -> None:
+    from masalign import NNsightAdapter
+
+    site = "transformer.h.1.output"
+    on_cpu, on_gpu = NNsightAdapter(_tiny_gpt2(), name="M"), NNsightAdapter(_tiny_gpt2().to(GPU), name="M")
+    # The task's prompts share their beginnings: read in segments on the GPU (the cuts given, as
+    # the plan for a GPU cuts less often), in one run on the CPU.
+    batch = pairs["train"].subset(slice(0, 256))
+    tokens = batch.base_inputs if isinstance(batch.base_inputs, Tensor) else batch.base_inputs["input_ids"]
+    seq, start = tokens.shape[1], int(batch.base_positions[batch.base_positions >= 0].min())
+    cuts = [0, seq // 3, 2 * seq // 3, seq]
+    with torch.no_grad():
+        plain = on_cpu.key_value_prefix(batch.base_inputs, site, start, cuts=[0, seq])
+        shared = on_gpu.key_value_prefix(inputs_to(batch.base_inputs, GPU), site, start, cuts=cuts)
+        assert shared.states.device.type == GPU.type
+        for ours, theirs in zip(shared.tensors(), plain.tensors(), strict=True):
+            assert (ours.cpu() - theirs).abs().max() <= 1e-4 * max(1.0, float(theirs.abs().max()))
+        read_end = int(batch.source_positions.max()) + 1
+        source_cuts = [0, read_end // 2, read_end]
+        plain = on_cpu.activations(batch.source_inputs, site, batch.source_positions)
+        shared = on_gpu.key_value_activations(inputs_to(batch.source_inputs, GPU), site, batch.source_positions.to(GPU), cuts=source_cuts)
+        assert (shared.cpu() - plain).abs().max() <= 1e-4 * max(1.0, float(plain.abs().max()))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_model_keeps_float32_maps_and_trains(pairs, dtype: torch.dtype) -> None:
     from masalign import NNsightAdapter

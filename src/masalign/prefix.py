@@ -20,7 +20,10 @@ prefix also keeps the later blocks' keys and values there
 (:class:`masalign.adapters.resume.KeyValuePrefix`), and each step runs only the
 positions from that one on: for an interchange at the last token, one position
 instead of the whole prompt. It is checked against the full run like the plain
-prefix, and costs ``N x later blocks x 2 x start x kv width`` floats more.
+prefix, and costs ``N x later blocks x 2 x start x kv width`` floats more. Rows
+whose prompts begin alike run those positions once
+(:mod:`masalign.adapters.shared_prefix`); the check reads its rows in two segments,
+so that it covers that too.
 """
 
 from __future__ import annotations
