@@ -218,3 +218,20 @@ def test_a_fit_over_segmented_reads_trains_as_one_over_plain_reads(adapter: NNsi
     plain_losses, plain_state = fitted()
     assert shared_losses == pytest.approx(plain_losses, abs=1e-5)
     assert_same_subspaces(shared_state, plain_state)
+
+
+def test_rows_padded_past_a_cut_read_as_in_one_run(adapter: NNsightAdapter) -> None:
+    # Left padding of 0, 2 and 5 tokens: the third row's first two segments are padding only.
+    from test_prefix_cache import _padded_inputs
+
+    inputs = _padded_inputs("input_ids")
+    site = _site(adapter, 1)
+    cuts = [0, 3, 6, SEQ]
+    with torch.no_grad():
+        plain = adapter.key_value_prefix(inputs, site, START, cuts=[0, SEQ])
+        shared = adapter.key_value_prefix(inputs, site, START, cuts=cuts)
+        for ours, theirs in zip(shared.tensors(), plain.tensors(), strict=True):
+            assert (ours - theirs).abs().max() < 1e-5
+        positions = torch.tensor([[9], [8], [10]])
+        full = adapter.activations(inputs, site, positions)
+        assert (adapter.key_value_activations(inputs, site, positions, cuts=cuts) - full).abs().max() < 1e-5
