@@ -77,6 +77,7 @@ from .shared_prefix import (
     Segment,
     distinct_prefix_counts,
     gather_segments,
+    one_group_per_row,
     plan_segments,
     prefix_columns,
     prefix_groups,
@@ -322,74 +323,29 @@ class NNsightAdapter:
         (:mod:`masalign.adapters.shared_prefix`): the prompt is cut where that saves
         most, or at ``cuts`` (``0 < c_1 < ... < seq``; ``[0, seq]`` for one run). A model whose
         sliding-window layers are shorter than the prompt reads in one run, whatever ``cuts`` say."""
-        from transformers import DynamicCache
-
         block_site = self._resumable(site, inputs)
         self.check_inputs(inputs)
-        tokens = _tokens_and_mask(inputs)[0]
+        seq = _tokens_and_mask(inputs)[0].shape[1]
         last = len(block_site.stack) - 1
         site_blocks = block_site.index + 1  # the blocks up to the site's, whole
 
         def position_cost(a: int, b: int) -> float:
             return last + KEY_VALUE_SHARE if a < start and last > block_site.index else site_blocks
 
-        segments = self._shared_prefix_segments(
-            inputs, tokens.shape[1], cuts, position_cost, lambda rows, fixed: fixed + rows * tokens.shape[1] * position_cost(0, 1)
-        )
-        if segments is not None:
-            kv_parts, state_parts = self._run_segments(inputs, site, block_site, segments, last, start, 0)
-            later = range(block_site.index + 1, len(block_site.stack))
-            kv_segments = [segment for segment in segments if segment.start < start]
+        # The last block's keys and values are all it contributes: a run stops once they are in
+        # the cache, before that block's attention and MLP (a large share of a shallow model's run).
+        segments = self._read_segments(inputs, seq, cuts, [0, seq], position_cost, lambda rows, fixed: fixed + rows * seq * position_cost(0, 1))
+        kv_parts, state_parts = self._run_segments(inputs, site, block_site, segments, last, start, 0)
+        kv_segments = [segment for segment in segments if segment.start < start]
 
-            def gathered(j: int, which: int) -> Tensor:
-                return gather_segments([kv_parts[s][j][which] for s in range(len(kv_segments))], kv_segments, None, dim=2)[:, :, :start]
+        def gathered(j: int, which: int) -> Tensor:
+            return gather_segments([kv_parts[s][j][which] for s in range(len(kv_segments))], kv_segments, None, dim=2)[:, :, :start]
 
-            return KeyValuePrefix(
-                states=gather_segments(state_parts, segments, None, dim=1),
-                keys=tuple(gathered(j, 0) for j in later),
-                values=tuple(gathered(j, 1) for j in later),
-                start=start,
-                first_block=block_site.index + 1,
-                n_blocks=len(block_site.stack),
-            )
-        args, kwargs = self._call_arguments(inputs)
-        cache = DynamicCache(config=getattr(self.model, "config", None))
-        kwargs[self._cache_argument()] = cache
-        outputs: list[Any] = []
-        last = len(block_site.stack) - 1
-
-        def stop(module: nn.Module, args: Any) -> None:
-            raise StopForward  # every block has run and filled the cache: the unembedding is not needed
-
-        def read_site(module: nn.Module, args: Any, output: Any) -> None:
-            outputs.append(output)
-            if block_site.index == last:
-                raise StopForward  # no block after the site: no keys or values to keep
-
-        # The last block's keys and values are all it contributes: the run stops once they are
-        # in the cache, before that block's attention and MLP (a large share of a shallow model's
-        # run). A model that never stores them there stops at the unembedding instead.
-        handed = _recording_updates(cache, lambda layer: layer == last and bool(outputs))
-        handles = [
-            block_site.stack[block_site.index].register_forward_hook(read_site),
-            self.output_module().register_forward_pre_hook(stop),
-        ]
-        self._run_until_stopped(args, kwargs, handles)
-        if len(outputs) != 1:
-            raise SiteError(f"{self.name}: block {block_site.index} ran {len(outputs)} times in one forward pass, not once")
-        self._resumer.learn_output(site, outputs[0])
-        layers = getattr(cache, "layers", None)
-        if layers is None or len(layers) != len(block_site.stack):
-            raise SiteError(
-                f"{self.name}: the model returned no per-layer key/value cache for its {len(block_site.stack)} blocks; "
-                "runs resume with every position instead"
-            )
         later = range(block_site.index + 1, len(block_site.stack))
-        kept = {j: handed.get(j, (layers[j].keys, layers[j].values)) for j in later}
         return KeyValuePrefix(
-            states=hidden_of(outputs[0]).detach(),
-            keys=tuple(kept[j][0][:, :, :start].detach() for j in later),
-            values=tuple(kept[j][1][:, :, :start].detach() for j in later),
+            states=gather_segments(state_parts, segments, None, dim=1),
+            keys=tuple(gathered(j, 0) for j in later),
+            values=tuple(gathered(j, 1) for j in later),
             start=start,
             first_block=block_site.index + 1,
             n_blocks=len(block_site.stack),
@@ -408,66 +364,49 @@ class NNsightAdapter:
         13 tokens is most of that read). Rows whose prompts begin alike run those positions
         once, as in :meth:`key_value_prefix` (``cuts`` likewise).
         """
-        from transformers import DynamicCache
-
         block_site = self._resumable(site, inputs)
-        spec = self._site(site, inputs)
         positions = self.check_inputs(inputs, positions)
         read = positions[positions >= 0]
         start = int(read.min()) if read.numel() else 0
         if start == 0:
             return self.activations(inputs, site, positions)
         end = int(read.max()) + 1
-        tokens = _tokens_and_mask(inputs)[0]
 
         def position_cost(a: int, b: int) -> float:
             # A segment holding a read position runs the site's block whole, at every position.
             return block_site.index + (1 if b > start else KEY_VALUE_SHARE)
 
         def plain_cost(rows: int, fixed: float) -> float:
-            return 2 * fixed + rows * (start * position_cost(0, 1) + (tokens.shape[1] - start) * (block_site.index + 1))
+            return 2 * fixed + rows * (start * position_cost(0, 1) + (end - start) * (block_site.index + 1))
 
+        # Plainly two runs: the positions before the first read one only until the site's block
+        # has stored their keys and values, then the rest to the site's output.
+        segments = self._read_segments(inputs, end, cuts, [0, start, end], position_cost, plain_cost)
+        _, state_parts = self._run_segments(inputs, site, block_site, segments, block_site.index, 0, start)
+        states = torch.cat(
+            [
+                part.index_select(0, segment.group_of_row.to(part.device))
+                if part is not None
+                else _zeros_for(state_parts, segment, positions.shape[0])
+                for part, segment in zip(state_parts, segments, strict=True)
+            ],
+            dim=1,
+        )
+        return gather_rows(states, positions, site)
+
+    def _read_segments(
+        self,
+        inputs: ModelInputs,
+        end: int,
+        cuts: Sequence[int] | None,
+        plain_cuts: list[int],
+        position_cost: Callable[[int, int], float],
+        plain_cost: Callable[[int, float], float],
+    ) -> list[Segment]:
+        """The segments a read of positions ``0..end-1`` runs in: the plain reads (``plain_cuts``,
+        every row its own group) unless :meth:`_shared_prefix_segments` finds groups."""
         segments = self._shared_prefix_segments(inputs, end, cuts, position_cost, plain_cost)
-        if segments is not None:
-            # Every segment runs up to the site's block only; those holding a read position to its output.
-            _, state_parts = self._run_segments(inputs, site, block_site, segments, block_site.index, 0, start)
-            states = torch.cat(
-                [
-                    part.index_select(0, segment.group_of_row.to(part.device))
-                    if part is not None
-                    else _zeros_for(state_parts, segment, positions.shape[0])
-                    for part, segment in zip(state_parts, segments, strict=True)
-                ],
-                dim=1,
-            )
-            return gather_rows(states, positions, site)
-        args, kwargs = self._call_arguments(inputs)
-        cache = DynamicCache(config=getattr(self.model, "config", None))
-
-        def stop(module: nn.Module, args: Any) -> None:
-            raise StopForward
-
-        outputs: list[Any] = []
-
-        def read_site(module: nn.Module, args: Any, output: Any) -> None:
-            outputs.append(output)
-            raise StopForward
-
-        before_args, before_kwargs = _call_until(args, kwargs, start)
-        before_kwargs[self._cache_argument()] = cache
-        # The site's block has its keys and values: nothing later is read.
-        handed = _recording_updates(cache, lambda layer: layer == block_site.index)
-        self._run_until_stopped(before_args, before_kwargs, [self.output_module().register_forward_pre_hook(stop)])
-        del cache.update  # the instance attribute: the class's update again
-        if block_site.index not in handed:
-            raise SiteError(f"{self.name}: block {block_site.index} stored no keys and values in its cache")
-        after_args, after_kwargs = _call_from(args, kwargs, start, self._forward_parameters)
-        after_kwargs[self._cache_argument()] = cache
-        self._run_until_stopped(after_args, after_kwargs, [block_site.stack[block_site.index].register_forward_hook(read_site)])
-        if len(outputs) != 1:
-            raise SiteError(f"{self.name}: block {block_site.index} ran {len(outputs)} times in one forward pass, not once")
-        shifted = torch.where(positions >= 0, positions - start, positions)
-        return gather_rows(_element_of(outputs[0], spec.element), shifted, site)
+        return one_group_per_row(_tokens_and_mask(inputs)[0].shape[0], plain_cuts) if segments is None else segments
 
     def _shared_prefix_segments(
         self,
@@ -480,8 +419,8 @@ class NNsightAdapter:
         """The segments a read of positions ``0..end-1`` runs in, or ``None`` for the plain reads:
         where rows share enough of their prompts' beginnings (or ``cuts`` says where), for token
         inputs (and a 2-d attention mask) of a model whose cache layers are all plain ones (a
-        sliding-window layer keeps only its window: a cache rebuilt from a segment's keys is not
-        the one a full run builds, unless the window holds every position read).
+        sliding-window layer keeps only its window: its keys from positions cut apart are not
+        the ones a full run keeps, unless the window holds every position read).
         ``position_cost(a, b)``: the blocks a segment ``[a, b)`` runs per position;
         ``plain_cost(rows, run_cost)``: the plain reads' cost (see :func:`plan_segments`)."""
         if end <= 1:

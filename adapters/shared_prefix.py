@@ -143,6 +143,12 @@ def prefix_groups(columns: Tensor, cuts: list[int]) -> list[Segment]:
     return segments
 
 
+def one_group_per_row(rows: int, cuts: list[int]) -> list[Segment]:
+    """The segments between ``cuts`` with every row a group of its own (the plain reads)."""
+    each = torch.arange(rows)
+    return [Segment(start, end, each, each) for start, end in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
 def gather_segments(parts: list[Tensor], segments: list[Segment], rows: Tensor | None, dim: int) -> Tensor:
     """Each of ``rows``' values (every row for ``None``) along its groups' segments: ``parts[s]``
     holds segment ``s``'s values per group (group first, positions along ``dim``), concatenated
@@ -152,4 +158,4 @@ def gather_segments(parts: list[Tensor], segments: list[Segment], rows: Tensor |
     return torch.cat([part.index_select(0, group.to(part.device)) for part, group in zip(parts, groups, strict=True)], dim=dim)
 
 
-__all__ = ["KEY_VALUE_SHARE", "RUN_COST", "Segment", "run_cost", "distinct_prefix_counts", "gather_segments", "plan_segments", "prefix_columns", "prefix_groups"]
+__all__ = ["KEY_VALUE_SHARE", "RUN_COST", "Segment", "run_cost", "distinct_prefix_counts", "gather_segments", "one_group_per_row", "plan_segments", "prefix_columns", "prefix_groups"]
