@@ -458,14 +458,14 @@ class NNsightAdapter:
         tokens = _tokens_and_mask(inputs)[0]
         kv_parts: list[dict[int, tuple[Tensor, Tensor]]] = []
         state_parts: list[Tensor | None] = []
+        # Caches are built from the config where that gives other layer kinds (sliding windows).
+        config = getattr(self.model, "config", None) if self._cache_layers_from_config else None
         for index, segment in enumerate(segments):
             first = segment.first_row.to(tokens.device)
             chosen = inputs[first] if isinstance(inputs, Tensor) else {name: value[first] for name, value in inputs.items()}
             args, kwargs = _call_until(*self._call_arguments(chosen), segment.end)
             stop_layer = last_layer if segment.start < kv_until else block_site.index
             want_states = segment.end > states_from
-            # Built from the config where that gives other layer kinds (sliding windows).
-            config = getattr(self.model, "config", None) if self._cache_layers_from_config else None
             if segment.start == 0:
                 cache = DynamicCache(config=config)
             else:
