@@ -149,9 +149,10 @@ class TransformerLensAdapter:
     def sites(self) -> dict[str, int]:
         """Every hook name (aliases included) with a position-indexed activation, and its width."""
         found: dict[str, int] = {}
-        for name, hook_point in self._model.hook_dict.items():
+        hooks = self._hooks()
+        for name, hook_point in hooks.items():
             try:
-                found[name] = self._hook_site(name, hook_point).width
+                found[name] = self._hook_site(name, hook_point, hooks).width
             except SiteError:
                 continue
         return found
@@ -254,10 +255,11 @@ class TransformerLensAdapter:
             )
 
     def _block_site(self, site: str) -> BlockSite | None:
-        hook_point = self._model.hook_dict.get(site)
+        hooks = self._hooks()
+        hook_point = hooks.get(site)
         if hook_point is None:
             return None
-        parsed = _BLOCK_OUTPUT.match(self._canonical_name(site, hook_point))
+        parsed = _BLOCK_OUTPUT.match(self._canonical_name(site, hook_point, hooks))
         blocks = getattr(self._model, "blocks", None)
         if parsed is None or not isinstance(blocks, nn.ModuleList) or int(parsed["index"]) >= len(blocks):
             return None
@@ -276,13 +278,19 @@ class TransformerLensAdapter:
     # -- sites ---------------------------------------------------------------------
 
     def _site(self, site: str) -> _HookSite:
-        hook_point = self._model.hook_dict.get(site)
+        hooks = self._hooks()
+        hook_point = hooks.get(site)
         if hook_point is None:
             raise unknown_site_error(site, self.sites(), self.name)
-        return self._hook_site(site, hook_point)
+        return self._hook_site(site, hook_point, hooks)
 
-    def _hook_site(self, site: str, hook_point: Any) -> _HookSite:
-        hook_name = self._canonical_name(site, hook_point)
+    def _hooks(self) -> Mapping[str, Any]:
+        # A bridge builds its hook_dict anew at each access (aliases included: about 1.4 ms
+        # for SmolLM2's 30 blocks), so each operation reads it once and passes it on.
+        return self._model.hook_dict
+
+    def _hook_site(self, site: str, hook_point: Any, hooks: Mapping[str, Any]) -> _HookSite:
+        hook_name = self._canonical_name(site, hook_point, hooks)
         flag = self._flag_turned_off(hook_name)
         if flag is not None:
             raise SiteError(
@@ -316,12 +324,12 @@ class TransformerLensAdapter:
             )
         return _HookSite(hook_name, record.shape[2:])
 
-    def _canonical_name(self, site: str, hook_point: Any) -> str:
+    def _canonical_name(self, site: str, hook_point: Any, hooks: Mapping[str, Any]) -> str:
         # The bridge lists one hook point under several names (hook_resid_post is an
         # alias of hook_out); keyed by the canonical name, one probe record serves
         # every spelling, and each point is hooked once.
         canonical = getattr(hook_point, "name", None)
-        if isinstance(canonical, str) and self._model.hook_dict.get(canonical) is hook_point:
+        if isinstance(canonical, str) and hooks.get(canonical) is hook_point:
             return canonical
         return site
 
@@ -365,7 +373,8 @@ class TransformerLensAdapter:
 
         # The bridge refuses hooks on a gated-off point; HookedTransformer accepts them and
         # never fires them. Either way there is nothing to record there.
-        canonical_names = (self._canonical_name(name, point) for name, point in self._model.hook_dict.items())
+        hooks = self._hooks()
+        canonical_names = (self._canonical_name(name, point, hooks) for name, point in hooks.items())
         hook_names = [name for name in dict.fromkeys(canonical_names) if self._flag_turned_off(name) is None]
         with probing(self._model):
             try:
