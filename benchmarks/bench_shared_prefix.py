@@ -111,19 +111,20 @@ def bench_read(read: Callable[[list[int] | None], Any], end: int, repeats: int) 
 def plan_of(adapter: NNsightAdapter, run: Callable[[], Any]) -> list[tuple[int, int, int]]:
     """The segments (start, end, groups) a read runs, or one plain segment."""
     found: list[Any] = []
-    original = adapter._shared_prefix_segments
+    runs = adapter._key_values
+    original = runs._shared_prefix_segments
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         segments = original(*args, **kwargs)
         found.append(segments)
         return segments
 
-    adapter._shared_prefix_segments = spy  # type: ignore[method-assign]
+    runs._shared_prefix_segments = spy  # type: ignore[method-assign]
     try:
         with torch.no_grad():
             run()
     finally:
-        del adapter._shared_prefix_segments
+        del runs._shared_prefix_segments
     segments = found[0] if found else None
     return [] if segments is None else [(s.start, s.end, s.n_groups) for s in segments]
 

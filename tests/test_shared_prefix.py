@@ -19,6 +19,7 @@ from torch import Tensor
 from masalign import CounterfactualPairs, ModelAlignment, fit
 from masalign.adapters import NNsightAdapter
 from masalign.adapters import shared_prefix
+from masalign.adapters.key_values import KeyValueRuns
 from masalign.adapters.shared_prefix import distinct_prefix_counts, plan_segments, prefix_columns, prefix_groups
 
 from test_key_value_prefix import _site, _stack
@@ -204,17 +205,17 @@ def test_a_fit_over_segmented_reads_trains_as_one_over_plain_reads(adapter: NNsi
         return [entry["valid_loss"] for entry in result.history], alignment.state_dict()
 
     planned: list[bool] = []
-    segments = NNsightAdapter._shared_prefix_segments
+    segments = KeyValueRuns._shared_prefix_segments
 
     def spied(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         found = segments(self, *args, **kwargs)
         planned.append(found is not None)
         return found
 
-    monkeypatch.setattr(NNsightAdapter, "_shared_prefix_segments", spied)
+    monkeypatch.setattr(KeyValueRuns, "_shared_prefix_segments", spied)
     shared_losses, shared_state = fitted()
     assert any(planned) == _segmented(adapter)
-    monkeypatch.setattr(NNsightAdapter, "_shared_prefix_segments", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(KeyValueRuns, "_shared_prefix_segments", lambda self, *args, **kwargs: None)
     plain_losses, plain_state = fitted()
     assert shared_losses == pytest.approx(plain_losses, abs=1e-5)
     assert_same_subspaces(shared_state, plain_state)
