@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,8 @@ from .base import (
     site_did_not_run,
     unknown_site_error,
 )
-from .resume import BlockSite, Resumer, check_prefix
+from .key_values import KeyValueRuns, left_padding_position_ids
+from .resume import BlockSite, KeyValuePrefix, Resumer, check_prefix
 
 # The output of block i, where a run can resume (the bridge's canonical name, then HookedTransformer's).
 _BLOCK_OUTPUT = re.compile(r"^blocks\.(?P<index>\d+)\.(?:hook_out|hook_resid_post)$")
@@ -248,11 +249,92 @@ class TransformerLensAdapter:
         positions = self.check_inputs(inputs, positions)
         tokens, kwargs = _split_inputs(inputs)
         check_prefix(prefix, tuple(tokens.shape), self._site(site).width, site)
+        if isinstance(prefix, KeyValuePrefix):
+            return self._hf_key_values().run_from(inputs, site, block_site, prefix, positions, replace)
         replacement = RowReplacementHook(positions, replace, site, self._model, self.name)
         with explaining_inference_weights(self._model, self.name):
             return self._resumer.resume(
                 block_site, site, prefix, replacement, lambda: self._logits_fn(self._model(tokens, **kwargs))
             )
+
+    # -- and the keys and values before the first changed position (TransformerBridge) ----
+
+    def supports_key_values(self, site: str) -> bool:
+        """Whether runs resumed at ``site`` can also skip the positions before the first changed one:
+        a block output of a ``TransformerBridge`` whose ``original_model`` is a Hugging Face model
+        that takes a key/value cache and runs the bridge's blocks (``HookedTransformer`` has no such
+        model: its runs resume from the block's states alone)."""
+        return self.supports_prefix(site) and self._key_values is not None and self._key_values.supported()
+
+    @functools.cached_property
+    def _key_values(self) -> KeyValueRuns | None:
+        """The cached-key/value runs (:mod:`masalign.adapters.key_values`) of a bridge's
+        ``original_model``, called directly: its layers are the bridge's blocks and its
+        ``lm_head`` the bridge's unembedding, so those runs go through the same modules (and
+        ``fit`` checks their logits against the bridge's own on its first rows)."""
+        original = getattr(self._model, "original_model", None)
+        blocks = getattr(self._model, "blocks", None)
+        if not isinstance(original, nn.Module) or getattr(original, "config", None) is None:
+            return None
+        if not isinstance(blocks, nn.ModuleList) or not len(blocks) or not any(module is blocks[0] for module in original.modules()):
+            return None
+        get_output = getattr(original, "get_output_embeddings", None)
+        return KeyValueRuns(
+            original,
+            self.name,
+            functools.partial(_forward_handing_caches_on, original, _bridge_attentions(original)),
+            self._hf_call_arguments,
+            functools.partial(logits_from_output, adapter="TransformerLensAdapter"),
+            lambda: get_output() if callable(get_output) else None,
+            self._resumer,
+            self.prefix,
+        )
+
+    def _hf_key_values(self) -> KeyValueRuns:
+        if self._key_values is None:
+            raise SiteError(
+                f"{self.name}: runs from cached keys and values need a TransformerBridge over a Hugging Face "
+                f"model; this is a {type(self._model).__name__} (see supports_key_values)"
+            )
+        return self._key_values
+
+    def key_value_prefix(self, inputs: ModelInputs, site: str, start: int, cuts: Sequence[int] | None = None) -> KeyValuePrefix:
+        """:meth:`prefix`'s states, and the keys and values of the blocks after ``site`` at positions
+        ``0..start-1``, without gradient (see :meth:`supports_key_values`). Rows whose prompts
+        begin alike run those positions once (:mod:`masalign.adapters.shared_prefix`), cut where
+        that saves most or at ``cuts`` (``0 < c_1 < ... < seq``; ``[0, seq]`` for one run)."""
+        block_site = self._resumable(site)
+        self.check_inputs(inputs)
+        return self._hf_key_values().prefix(inputs, site, block_site, start, cuts)
+
+    def key_value_activations(self, inputs: ModelInputs, site: str, positions: Tensor, cuts: Sequence[int] | None = None) -> Tensor:
+        """:meth:`activations` at a block output (:meth:`supports_key_values`): the positions before
+        the first read one run only until the site's block has stored their keys and values, then
+        the positions from it on run up to the site, attending to them; shared prompt beginnings
+        run once (``cuts`` as in :meth:`key_value_prefix`)."""
+        block_site = self._resumable(site)
+        positions = self.check_inputs(inputs, positions)
+        read = positions[positions >= 0]
+        if not read.numel() or int(read.min()) == 0:
+            return self.activations(inputs, site, positions)
+        return self._hf_key_values().activations(inputs, site, block_site, positions, cuts)
+
+    def _hf_call_arguments(self, inputs: ModelInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The Hugging Face forward's arguments for ``inputs``: token ids, the attention mask, and
+        mask-derived position ids for left-padded rows (as the bridge's own forward derives them)."""
+        tokens, kwargs = _split_inputs(inputs)
+        extra = sorted(set(kwargs) - {"attention_mask"})
+        if extra:
+            raise ValueError(f"{self.name}: runs from cached keys and values take token ids and an attention_mask only; got {extra}")
+        call: dict[str, Any] = {"input_ids": tokens}
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            call["attention_mask"] = mask
+            if mask.dim() == 2 and mask.shape == tokens.shape[:2]:
+                position_ids = left_padding_position_ids(mask)
+                if position_ids is not None:
+                    call["position_ids"] = position_ids
+        return (), call
 
     def _block_site(self, site: str) -> BlockSite | None:
         hooks = self._hooks()
@@ -390,6 +472,30 @@ class TransformerLensAdapter:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def _bridge_attentions(model: nn.Module) -> list[nn.Module]:
+    """The bridge's attention components in ``model``: those that store keys and values themselves."""
+    return [module for module in model.modules() if callable(getattr(module, "_update_kv_cache", None))]
+
+
+def _forward_handing_caches_on(model: nn.Module, attentions: list[nn.Module], *args: Any, **kwargs: Any) -> Any:
+    """``model(*args, **kwargs)`` with each bridge attention given the key/value cache under the
+    name it reads (``past_key_values``) when the Hugging Face layer hands it on as ``cache``
+    (transformers >= 5.20): without it the attention neither stores nor reads cached keys
+    (``fit`` would find the run from them wrong on its first rows and run every position)."""
+
+    def hand_on(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+            kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
+        return args, kwargs
+
+    handles = [module.register_forward_pre_hook(hand_on, with_kwargs=True) for module in attentions]
+    try:
+        return model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _gating_flag(hook_name: str) -> str | None:

@@ -1,7 +1,8 @@
 """Steps that run only the positions from the first changed one, over cached keys and values.
 
 The nnsight adapter over Hugging Face Llama, GPT-2 and Gemma-3 with sliding windows
-shorter than the prompts (left-padded rows, attention masks): the run from a
+shorter than the prompts (left-padded rows, attention masks), and the TransformerLens
+adapter over TransformerBridges of the same models: the run from a
 :class:`KeyValuePrefix` equals the full run at every position from its start, with
 its gradient; a fit with it trains as one without any cache; a prefix that does not reproduce the full run falls back with a
 warning; an interchange before the start is refused. And :class:`RowCache`,
@@ -11,41 +12,62 @@ which fills the caches as ``fit`` reads them.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor
 
 from masalign import CounterfactualPairs, ModelAlignment, fit
-from masalign.adapters import NNsightAdapter
+from masalign.adapters import NNsightAdapter, TransformerLensAdapter
 from masalign.adapters.resume import KeyValuePrefix
 from masalign.prefix import dataset_prefixes, prefix_row_cache, suffix_start
 from masalign.rowcache import RowCache
 
-from test_prefix_cache import SEQ, VOCAB, _hf_folder, _padded_inputs, assert_same_subspaces
+from test_prefix_cache import SEQ, VOCAB, _bridge, _hf_folder, _padded_inputs, assert_same_subspaces
 
 POSITIONS = torch.tensor([[7, 10], [8, 9], [9, 8]])
 START = 7
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3"])
-def adapter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> NNsightAdapter:
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3", "llama, TransformerLens", "gpt2, TransformerLens", "gemma3, TransformerLens"])
+def adapter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> NNsightAdapter | TransformerLensAdapter:
     # gemma3: sliding-window layers with a window of 4, shorter than the prompts and the starts.
+    # TransformerLens: a TransformerBridge over the same Hugging Face model.
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    if request.param == "gpt2":
+    kind, _, backend = request.param.partition(", ")
+    if kind == "gpt2":
         torch.manual_seed(0)
         config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=3, n_head=2, bos_token_id=None, eos_token_id=None)
-        return NNsightAdapter(GPT2LMHeadModel(config).eval())
-    return NNsightAdapter(AutoModelForCausalLM.from_pretrained(_hf_folder(tmp_path_factory, request.param)).eval())
+        model = GPT2LMHeadModel(config).eval()
+        if not backend:
+            return NNsightAdapter(model)
+        folder = saved_with_tokenizer(model, tmp_path_factory.mktemp("gpt2"))
+    else:
+        folder = _hf_folder(tmp_path_factory, kind)
+    if backend:
+        return _bridge(folder)
+    return NNsightAdapter(AutoModelForCausalLM.from_pretrained(folder).eval())
 
 
-def _site(adapter: NNsightAdapter, layer: int) -> str:
+def saved_with_tokenizer(model: torch.nn.Module, folder: Path) -> str:
+    """``model`` written to ``folder`` beside a tokenizer, as a bridge boots from it."""
+    from transformer_fixtures import save_tiny_gpt2
+
+    save_tiny_gpt2(folder, vocab_size=VOCAB)  # for its tokenizer; the model is written over it
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def _site(adapter: NNsightAdapter | TransformerLensAdapter, layer: int) -> str:
+    if isinstance(adapter, TransformerLensAdapter):
+        return f"blocks.{layer}.hook_resid_post"
     return next(site for site in adapter.sites() if site.endswith(f".{layer}.output") and "mlp" not in site and "attn" not in site)
 
 
 @pytest.mark.parametrize("layer", [0, 1])
-def test_the_run_from_keys_and_values_equals_the_full_run(adapter: NNsightAdapter, layer: int) -> None:
+def test_the_run_from_keys_and_values_equals_the_full_run(adapter: NNsightAdapter | TransformerLensAdapter, layer: int) -> None:
     site = _site(adapter, layer)
     assert adapter.supports_key_values(site)
     inputs = _padded_inputs("input_ids")
@@ -66,12 +88,14 @@ def test_the_run_from_keys_and_values_equals_the_full_run(adapter: NNsightAdapte
     assert (resumed_gradient - full_gradient).abs().max() < 1e-4 * full_gradient.abs().max()
 
 
-def _stack(adapter: NNsightAdapter) -> torch.nn.ModuleList:
+def _stack(adapter: NNsightAdapter | TransformerLensAdapter) -> torch.nn.ModuleList:
+    if isinstance(adapter, TransformerLensAdapter):
+        return adapter.model.blocks
     return next(m for name, m in adapter.model.named_modules() if isinstance(m, torch.nn.ModuleList) and name.endswith(("h", "layers")))
 
 
 @pytest.mark.parametrize("layer", [0, 1, "last"])
-def test_the_read_stops_once_the_last_blocks_keys_and_values_are_stored(adapter: NNsightAdapter, layer: int | str) -> None:
+def test_the_read_stops_once_the_last_blocks_keys_and_values_are_stored(adapter: NNsightAdapter | TransformerLensAdapter, layer: int | str) -> None:
     # The last block's attention output and MLP change nothing the prefix keeps: they must not run.
     stack = _stack(adapter)
     index = len(stack) - 1 if layer == "last" else layer
@@ -88,23 +112,29 @@ def test_the_read_stops_once_the_last_blocks_keys_and_values_are_stored(adapter:
             handle.remove()
     assert ran == []
     assert len(prefix.keys) == len(stack) - 1 - index
-    _, arguments = adapter._call_arguments(inputs)  # with the position ids the adapter gives left-padded rows
+    # The Hugging Face model's own runs, called as the adapter calls it (with the position ids it
+    # gives left-padded rows; a bridge's attentions handed the cache).
+    runs = adapter._key_values
+    _, arguments = runs._call_arguments(inputs)
     with torch.no_grad():
-        full = adapter.model(**arguments, use_cache=True, output_hidden_states=True)
+        full = runs._forward(**arguments, use_cache=True, output_hidden_states=True)
         # The cache of a run of the positions before the start only: what a sliding-window
         # layer keeps of them is its window's last positions, not those of the whole run.
-        before = adapter.model(**{name: value[:, :START] for name, value in arguments.items()}, use_cache=True)
+        before = runs._forward(**{name: value[:, :START] for name, value in arguments.items()}, use_cache=True)
     for j, (keys, values) in enumerate(zip(prefix.keys, prefix.values, strict=True), start=index + 1):
         assert keys.shape[2] == values.shape[2] == START
-        layer_cache = before.past_key_values.layers[j]
+        layer_cache = (before.past_key_values if hasattr(before, 'past_key_values') else before.cache).layers[j]
         kept = layer_cache.keys.shape[2]
-        assert torch.allclose(keys[:, :, -kept:], layer_cache.keys, atol=1e-6)
-        assert torch.allclose(values[:, :, -kept:], layer_cache.values, atol=1e-6)
+        # Padding's keys and values are never attended to (a bridge's attention gives padding
+        # queries, which attend to nothing, other states in runs of other lengths).
+        real = inputs["attention_mask"][:, START - kept : START].bool()
+        assert torch.allclose(keys[:, :, -kept:].transpose(1, 2)[real], layer_cache.keys.transpose(1, 2)[real], atol=1e-6)
+        assert torch.allclose(values[:, :, -kept:].transpose(1, 2)[real], layer_cache.values.transpose(1, 2)[real], atol=1e-6)
     if layer != "last":  # the last hidden state is after the final norm in Hugging Face models
         assert torch.allclose(prefix.states, full.hidden_states[index + 1], atol=1e-6)
 
 
-def test_an_interchange_before_the_start_is_refused(adapter: NNsightAdapter) -> None:
+def test_an_interchange_before_the_start_is_refused(adapter: NNsightAdapter | TransformerLensAdapter) -> None:
     site = _site(adapter, 1)
     inputs = _padded_inputs("input_ids")
     prefix = adapter.key_value_prefix(inputs, site, START + 2)
@@ -127,7 +157,7 @@ def _pairs(n: int, seed: int) -> CounterfactualPairs:
     )
 
 
-def test_a_fit_over_keys_and_values_trains_as_one_without_any_cache(adapter: NNsightAdapter) -> None:
+def test_a_fit_over_keys_and_values_trains_as_one_without_any_cache(adapter: NNsightAdapter | TransformerLensAdapter) -> None:
     train, valid = _pairs(12, 0), _pairs(6, 1)
     site = _site(adapter, 1)
     assert suffix_start(train.base_positions, train.labels) == START
@@ -146,7 +176,7 @@ def test_a_fit_over_keys_and_values_trains_as_one_without_any_cache(adapter: NNs
     assert_same_subspaces(state, cached_state)
 
 
-def test_keys_and_values_that_do_not_reproduce_the_full_run_fall_back(adapter: NNsightAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keys_and_values_that_do_not_reproduce_the_full_run_fall_back(adapter: NNsightAdapter | TransformerLensAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
     site = _site(adapter, 1)
     data = _pairs(4, 0)
     build = adapter.key_value_prefix
@@ -283,7 +313,7 @@ def test_plain_token_inputs_through_a_transformers_model(tmp_path) -> None:
 
 @pytest.mark.parametrize("layer", [0, 1, "last"])
 @pytest.mark.parametrize("positions", [POSITIONS, torch.tensor([[3, 10], [4, -1], [6, 8]])], ids=["from 7", "from 3, empty slot"])
-def test_a_source_read_over_cached_keys_and_values_equals_the_full_read(adapter: NNsightAdapter, layer: int | str, positions: Tensor) -> None:
+def test_a_source_read_over_cached_keys_and_values_equals_the_full_read(adapter: NNsightAdapter | TransformerLensAdapter, layer: int | str, positions: Tensor) -> None:
     # From 3: the third row's five pad tokens fill the whole run before the start.
     stack = _stack(adapter)
     index = len(stack) - 1 if layer == "last" else layer
@@ -306,7 +336,7 @@ def test_a_source_read_over_cached_keys_and_values_equals_the_full_read(adapter:
     assert mlp_lengths == [SEQ - start]
 
 
-def test_fit_reads_sources_over_cached_keys_and_values_once_checked(adapter: NNsightAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fit_reads_sources_over_cached_keys_and_values_once_checked(adapter: NNsightAdapter | TransformerLensAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
     site = _site(adapter, 1)
     data = _pairs(8, 0)
     alignment = ModelAlignment({"A": adapter}, site, subspace_dim=4)
@@ -331,7 +361,7 @@ def test_fit_reads_sources_over_cached_keys_and_values_once_checked(adapter: NNs
 
 @pytest.mark.parametrize("failure", ["differs", "raises"])
 def test_a_source_read_over_keys_and_values_that_fails_its_check_falls_back(
-    adapter: NNsightAdapter, monkeypatch: pytest.MonkeyPatch, failure: str
+    adapter: NNsightAdapter | TransformerLensAdapter, monkeypatch: pytest.MonkeyPatch, failure: str
 ) -> None:
     site = _site(adapter, 1)
     data = _pairs(8, 0)
@@ -347,4 +377,5 @@ def test_a_source_read_over_keys_and_values_that_fails_its_check_falls_back(
     message = "gives activations .* away from the full run.s" if failure == "differs" else "failed \\(RuntimeError: no cache here\\)"
     with pytest.warns(UserWarning, match=f"reading {site!r} after cached keys and values {message}; reading every position"):
         hidden = alignment.source_activations("A", data.source_inputs, data.source_positions)
-    assert torch.equal(hidden, adapter.activations(data.source_inputs, site, data.source_positions))
+    # The full read (of the distinct rows: a batch of another size, so equal to float rounding).
+    assert (hidden - adapter.activations(data.source_inputs, site, data.source_positions)).abs().max() < 1e-6

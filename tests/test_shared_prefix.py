@@ -1,8 +1,8 @@
 """Rows whose prompts begin alike run those positions once (masalign.adapters.shared_prefix).
 
 The bookkeeping (groups exact even when hashes collide, counts, where to cut) on
-token tensors, and the nnsight adapter's segmented reads over Hugging Face Llama,
-GPT-2 and Gemma-3 (sliding windows shorter than the prompts: read in one run;
+token tensors, and the segmented reads of the nnsight adapter over Hugging Face Llama,
+GPT-2 and Gemma-3 and of the TransformerLens adapter over TransformerBridges of Llama and Gemma-3 (sliding windows shorter than the prompts: read in one run;
 longer: in segments): prefixes and
 source reads equal the plain ones, the runs from them equal the full run, and the
 blocks run fewer positions.
@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 
 from masalign import CounterfactualPairs, ModelAlignment, fit
-from masalign.adapters import NNsightAdapter
+from masalign.adapters import NNsightAdapter, TransformerLensAdapter
 from masalign.adapters import shared_prefix
 from masalign.adapters.key_values import KeyValueRuns
+from masalign.adapters.resume import KeyValuePrefix
 from masalign.adapters.shared_prefix import distinct_prefix_counts, plan_segments, prefix_columns, prefix_groups
 
-from test_key_value_prefix import _site, _stack
-from test_prefix_cache import SEQ, VOCAB, _hf_folder, assert_same_subspaces
+from test_key_value_prefix import _site, _stack, saved_with_tokenizer
+from test_prefix_cache import SEQ, VOCAB, _bridge, _hf_folder, assert_same_subspaces
 
 START = 8
 
@@ -93,16 +94,18 @@ def test_cuts_are_planned_where_rows_share_prefixes_and_only_where_that_pays() -
 # -- the adapter's segmented reads -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3", "gemma3 window 16"])
-def adapter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> NNsightAdapter:
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gemma3", "gemma3 window 16", "llama, TransformerLens", "gemma3 window 16, TransformerLens"])
+def adapter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> NNsightAdapter | TransformerLensAdapter:
     # gemma3: sliding windows of 4, shorter than the prompts (read in one run); of 16, longer.
+    # TransformerLens: a TransformerBridge over the same Hugging Face model.
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    if request.param == "gpt2":
+    kind, _, backend = request.param.partition(", ")
+    if kind == "gpt2":
         torch.manual_seed(0)
         config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=3, n_head=2, bos_token_id=None, eos_token_id=None)
         return NNsightAdapter(GPT2LMHeadModel(config).eval())
-    if request.param == "gemma3 window 16":
+    if kind == "gemma3 window 16":
         from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
         torch.manual_seed(0)
@@ -111,16 +114,35 @@ def adapter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
             head_dim=16, max_position_embeddings=64, pad_token_id=0, sliding_window=16,
             layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         )  # fmt: skip
-        return NNsightAdapter(Gemma3ForCausalLM(config).eval())
-    return NNsightAdapter(AutoModelForCausalLM.from_pretrained(_hf_folder(tmp_path_factory, request.param)).eval())
+        model = Gemma3ForCausalLM(config).eval()
+        if not backend:
+            return NNsightAdapter(model)
+        return _bridge(saved_with_tokenizer(model, tmp_path_factory.mktemp("gemma3")))
+    folder = _hf_folder(tmp_path_factory, kind)
+    if backend:
+        return _bridge(folder)
+    return NNsightAdapter(AutoModelForCausalLM.from_pretrained(folder).eval())
 
 
-def _segmented(adapter: NNsightAdapter) -> bool:
+def _segmented(adapter: NNsightAdapter | TransformerLensAdapter) -> bool:
     """Whether this model reads in segments: not where a sliding window is shorter than the prompts."""
-    return getattr(adapter.model.config, "sliding_window", None) in (None, 16)
+    return getattr(adapter._key_values.model.config, "sliding_window", None) in (None, 16)
 
 
-def _mlp_positions(adapter: NNsightAdapter, read) -> tuple[object, int]:  # noqa: ANN001
+def assert_equal_at_real_tokens(ours: KeyValuePrefix, theirs: KeyValuePrefix, mask: Tensor) -> None:
+    """States, keys and values equal (1e-5) at real tokens. Padding's are never read: positions lie
+    on real tokens and nothing attends to padding (a bridge's attention gives padding queries, which
+    attend to nothing, other states in runs of other lengths)."""
+    real = mask.bool()
+    assert ours.states.shape == theirs.states.shape
+    assert (ours.states[real] - theirs.states[real]).abs().max() < 1e-5
+    for a, b in zip(ours.keys + ours.values, theirs.keys + theirs.values, strict=True):
+        assert a.shape == b.shape
+        kept = real[:, : a.shape[2]]
+        assert (a.transpose(1, 2)[kept] - b.transpose(1, 2)[kept]).abs().max() < 1e-5
+
+
+def _mlp_positions(adapter: NNsightAdapter | TransformerLensAdapter, read) -> tuple[object, int]:  # noqa: ANN001
     """``read()``'s value and how many positions the first block's MLP ran."""
     ran: list[int] = []
     handle = _stack(adapter)[0].mlp.register_forward_hook(lambda module, args, output: ran.append(args[0].shape[0] * args[0].shape[1]))
@@ -133,7 +155,7 @@ def _mlp_positions(adapter: NNsightAdapter, read) -> tuple[object, int]:  # noqa
 @pytest.mark.parametrize("layer", [0, 1, "last"])
 @pytest.mark.parametrize("cuts", [None, [0, 3, 6, 8, SEQ]], ids=["planned", "given"])
 def test_a_segmented_prefix_equals_the_plain_one_and_resumes_as_the_full_run(
-    adapter: NNsightAdapter, layer: int | str, cuts: list[int] | None
+    adapter: NNsightAdapter | TransformerLensAdapter, layer: int | str, cuts: list[int] | None
 ) -> None:
     index = len(_stack(adapter)) - 1 if layer == "last" else layer
     site = _site(adapter, index)
@@ -141,10 +163,8 @@ def test_a_segmented_prefix_equals_the_plain_one_and_resumes_as_the_full_run(
     with torch.no_grad():
         plain, plain_work = _mlp_positions(adapter, lambda: adapter.key_value_prefix(inputs, site, START, cuts=[0, SEQ]))
         shared, shared_work = _mlp_positions(adapter, lambda: adapter.key_value_prefix(inputs, site, START, cuts=cuts))
-    assert shared.states.shape == plain.states.shape and shared.start == plain.start
-    assert (shared.states - plain.states).abs().max() < 1e-5
-    for ours, theirs in zip(shared.keys + shared.values, plain.keys + plain.values, strict=True):
-        assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5
+    assert shared.start == plain.start
+    assert_equal_at_real_tokens(shared, plain, inputs["attention_mask"])
     if _segmented(adapter):
         assert shared_work < plain_work * 0.6  # the shared positions ran once
     else:
@@ -164,7 +184,7 @@ def test_a_segmented_prefix_equals_the_plain_one_and_resumes_as_the_full_run(
 
 @pytest.mark.parametrize("layer", [0, 1, "last"])
 @pytest.mark.parametrize("cuts", [None, [0, 3, 6, SEQ - 1]], ids=["planned", "given"])
-def test_a_segmented_source_read_equals_the_full_read(adapter: NNsightAdapter, layer: int | str, cuts: list[int] | None) -> None:
+def test_a_segmented_source_read_equals_the_full_read(adapter: NNsightAdapter | TransformerLensAdapter, layer: int | str, cuts: list[int] | None) -> None:
     index = len(_stack(adapter)) - 1 if layer == "last" else layer
     site = _site(adapter, index)
     inputs = _template_inputs(rows=200)
@@ -180,7 +200,7 @@ def test_a_segmented_source_read_equals_the_full_read(adapter: NNsightAdapter, l
     assert (shorter[positions < 0] == 0).all()
 
 
-def test_cuts_that_do_not_rise_from_the_start_to_the_end_are_refused(adapter: NNsightAdapter) -> None:
+def test_cuts_that_do_not_rise_from_the_start_to_the_end_are_refused(adapter: NNsightAdapter | TransformerLensAdapter) -> None:
     if not _segmented(adapter):
         pytest.skip("sliding-window layers read in one run; cuts are not used")
     site = _site(adapter, 1)
@@ -188,7 +208,7 @@ def test_cuts_that_do_not_rise_from_the_start_to_the_end_are_refused(adapter: NN
         adapter.key_value_prefix(_template_inputs(), site, START, cuts=[0, 5, 5, SEQ])
 
 
-def test_a_fit_over_segmented_reads_trains_as_one_over_plain_reads(adapter: NNsightAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fit_over_segmented_reads_trains_as_one_over_plain_reads(adapter: NNsightAdapter | TransformerLensAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
     site = _site(adapter, 1)
     base, source = _template_inputs(256, seed=1), _template_inputs(256, seed=2)
     labels = torch.full((256, SEQ), -100)
@@ -221,7 +241,7 @@ def test_a_fit_over_segmented_reads_trains_as_one_over_plain_reads(adapter: NNsi
     assert_same_subspaces(shared_state, plain_state)
 
 
-def test_rows_padded_past_a_cut_read_as_in_one_run(adapter: NNsightAdapter) -> None:
+def test_rows_padded_past_a_cut_read_as_in_one_run(adapter: NNsightAdapter | TransformerLensAdapter) -> None:
     # Left padding of 0, 2 and 5 tokens: the third row's first two segments are padding only.
     from test_prefix_cache import _padded_inputs
 
@@ -231,8 +251,7 @@ def test_rows_padded_past_a_cut_read_as_in_one_run(adapter: NNsightAdapter) -> N
     with torch.no_grad():
         plain = adapter.key_value_prefix(inputs, site, START, cuts=[0, SEQ])
         shared = adapter.key_value_prefix(inputs, site, START, cuts=cuts)
-        for ours, theirs in zip(shared.tensors(), plain.tensors(), strict=True):
-            assert (ours - theirs).abs().max() < 1e-5
+        assert_equal_at_real_tokens(shared, plain, inputs["attention_mask"])
         positions = torch.tensor([[9], [8], [10]])
         full = adapter.activations(inputs, site, positions)
         assert (adapter.key_value_activations(inputs, site, positions, cuts=cuts) - full).abs().max() < 1e-5
