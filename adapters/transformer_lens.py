@@ -26,6 +26,13 @@ the flag is on; asking for one while it is off names the flag.
 ...) is passed to the model's forward by keyword. With an ``attention_mask``,
 positions index the padded sequence and must point at real tokens (mask 1), on
 either padding side.
+
+Runs can resume at a block's output (``supports_prefix``). On a ``TransformerBridge``
+over a Hugging Face model they can also skip the positions before the first changed
+one, over the later blocks' cached keys and values, and read shared prompt beginnings
+once (``supports_key_values``; :mod:`masalign.adapters.key_values`): those runs call
+the bridge's ``original_model``, whose layers and ``lm_head`` are the bridge's blocks
+and unembedding, so every hook point in them still fires.
 """
 
 from __future__ import annotations

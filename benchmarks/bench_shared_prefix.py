@@ -17,7 +17,8 @@ Models and data:
 - ``smollm2-135m`` (layer 15 of 30) and ``gemma3-270m`` (layer 9 of 18) from their
   GGUF wheels (``masalign.pretrained``), through nnsight, on two run tasks of
   :mod:`masalign.lm_tasks` intervened at the answer: counting 10..98 (left-padded)
-  and weekdays after ``"Days of the week:"``.
+  and weekdays after ``"Days of the week:"``; ``smollm2-135m:transformer_lens``: the
+  same through a TransformerLens ``TransformerBridge`` (``blocks.15.hook_resid_post``).
 
 ``--repeats`` rounds (default 3) time every read once each, interleaved; the times
 are medians and the ratio plain / shared. Run:
@@ -78,21 +79,26 @@ class _Pairs:
         self.base_positions, self.source_positions, self.labels = base_positions, source_positions, labels
 
 
-def pretrained_reads(name: str) -> list[tuple[str, NNsightAdapter, str, Any]]:
+def pretrained_reads(model: str) -> list[tuple[str, Any, str, Any]]:
+    """``model``: a name of ``PRETRAINED_LAYERS``, through nnsight, or ``NAME:transformer_lens``."""
     from masalign.lm_tasks import counting, weekdays
     from masalign.pretrained import load_pretrained
 
-    adapter, tokenizer = load_pretrained(name, "nnsight", name=name)
-    site = f"model.layers.{PRETRAINED_LAYERS[name]}.output"
+    name, _, backend = model.partition(":")
+    adapter, tokenizer = load_pretrained(name, backend or "nnsight", name=name)
+    layer = PRETRAINED_LAYERS[name]
+    site = f"blocks.{layer}.hook_resid_post" if backend == "transformer_lens" else f"model.layers.{layer}.output"
     reads = []
     for label, task in (("counting 10..98", counting(10, 98, 3, 4)), ("weekdays after a prefix", weekdays(prefix="Days of the week:"))):
         reads.append((label, adapter, site, task.counterfactual_views({name: tokenizer}, ROWS, seed=1, position="answer")[name]))
     return reads
 
 
-def bench_read(read: Callable[[list[int] | None], Any], end: int, repeats: int) -> dict[str, Any]:
+def bench_read(read: Callable[[list[int] | None], Any], end: int, repeats: int, mask: torch.Tensor | None) -> dict[str, Any]:
     """Both ways of one read of positions ``0..end-1`` (``read(cuts)``), ``repeats`` interleaved
-    rounds after a warm-up of each."""
+    rounds after a warm-up of each. The two are compared at real tokens (``mask``): nothing reads
+    padding, and a TransformerBridge's attention gives padding, which attends to nothing, other
+    states in runs of other lengths."""
     with torch.no_grad():
         plain_value, shared_value = read([0, end]), read(None)
         times: dict[str, list[float]] = {"plain": [], "shared": []}
@@ -101,14 +107,25 @@ def bench_read(read: Callable[[list[int] | None], Any], end: int, repeats: int) 
                 start = time.perf_counter()
                 read(cuts)
                 times[way].append(time.perf_counter() - start)
-    plain_parts = plain_value.tensors() if hasattr(plain_value, "tensors") else (plain_value,)
-    shared_parts = shared_value.tensors() if hasattr(shared_value, "tensors") else (shared_value,)
+    plain_parts = _at_real_tokens(plain_value, mask)
+    shared_parts = _at_real_tokens(shared_value, mask)
     difference = max(float((a - b).abs().max() / a.abs().max().clamp(min=1)) for a, b in zip(plain_parts, shared_parts, strict=True))
     plain, shared = statistics.median(times["plain"]), statistics.median(times["shared"])
     return {"plain_s": plain, "shared_s": shared, "ratio": plain / shared, "max_relative_difference": difference, "times": times}
 
 
-def plan_of(adapter: NNsightAdapter, run: Callable[[], Any]) -> list[tuple[int, int, int]]:
+def _at_real_tokens(value: Any, mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """A prefix's states, keys and values with padding's zeroed; a source read as it is (it reads real tokens)."""
+    if not hasattr(value, "tensors"):
+        return [value]
+    if mask is None:
+        return list(value.tensors())
+    real = mask.bool()
+    keys_values = [t * real[:, None, : t.shape[2], None] for t in (*value.keys, *value.values)]
+    return [value.states * real[:, : value.states.shape[1], None], *keys_values]
+
+
+def plan_of(adapter: Any, run: Callable[[], Any]) -> list[tuple[int, int, int]]:
     """The segments (start, end, groups) a read runs, or one plain segment."""
     found: list[Any] = []
     runs = adapter._key_values
@@ -134,7 +151,10 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write every read's timings and plan here")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--models", nargs="*", default=["gpt2-race", *PRETRAINED_LAYERS])
+    parser.add_argument(
+        "--models", nargs="*", default=["gpt2-race", *PRETRAINED_LAYERS, "smollm2-135m:transformer_lens"],
+        help="gpt2-race, a pretrained model through nnsight, or NAME:transformer_lens (a TransformerBridge)",
+    )
     parser.add_argument("--workdir", default=None, help="where the race's model and pairs are (default: a temporary folder)")
     args = parser.parse_args()
     if args.threads:
@@ -154,11 +174,11 @@ def main() -> None:
                 plan = plan_of(adapter, lambda: read(None))
                 row = {"model": model, "task": task, "site": site, "read": kind, "rows": ROWS, "seq": seq, "plan": plan,
                        "positions_plain": ROWS * end, "positions_shared": sum(g * (b - a) for a, b, g in plan) if plan else ROWS * end}  # fmt: skip
-                row.update(bench_read(read, end, args.repeats))
+                row.update(bench_read(read, end, args.repeats, tokens_and_mask(base)[1] if kind == "base prefix" else None))
                 results.append(row)
                 cuts = [0, *(b for _, b, _ in plan)] if plan else "one run"
                 print(
-                    f"{model:13s} {task:24s} {kind:11s} plain {row['plain_s']:7.3f} s  shared {row['shared_s']:7.3f} s  "
+                    f"{model:29s} {task:24s} {kind:11s} plain {row['plain_s']:7.3f} s  shared {row['shared_s']:7.3f} s  "
                     f"{row['ratio']:5.2f}x  positions {row['positions_plain']:5d} -> {row['positions_shared']:5d}  cuts {cuts}  "
                     f"max rel. diff {row['max_relative_difference']:.1e}",
                     flush=True,
