@@ -12,7 +12,11 @@ direction (DAS within the model), at an early, a middle and a late layer:
 - MAS + prefix: the same step run from the cached states at the site
   (``fit(prefix_cache=True)``), only the blocks after the site;
 - MAS + prefix + label logits: as well, the unembedding only at the labelled
-  position (what ``fit`` does: :mod:`masalign.logit_rows`), not at every one.
+  position (:mod:`masalign.logit_rows`), not at every one;
+- + keys/values: as well, the later blocks run the intervened (last) position only,
+  over the cached keys and values of the positions before it (what ``fit`` does
+  where the adapter supports it: a Hugging Face model through nnsight or a
+  TransformerLens ``TransformerBridge``; :mod:`masalign.adapters.key_values`).
 
 ``--repeats`` rounds (default 3) after one warm-up of each step; each round times every
 step once, side by side, and the ratios are the medians of the ratios within a round (other
@@ -35,6 +39,7 @@ from masalign import ModelAlignment
 from masalign.data import IGNORE_INDEX
 from masalign.logit_rows import label_slots
 from masalign.objectives import intervention_loss
+from masalign.adapters.resume import KeyValuePrefix
 from masalign.prefix import base_prefixes
 from masalign.pretrained import load_pretrained
 from masalign.train import frozen_models
@@ -90,7 +95,9 @@ def bench_model(name: str, backend: str, repeats: int) -> dict:
         with frozen_models(alignment):
             hidden = alignment.source_activations("m", inputs, positions)[source_rows]
             prefix = base_prefixes(adapter, site, inputs, positions, alignment.widths["m"])
+            key_value_prefix = base_prefixes(adapter, site, inputs, positions, alignment.widths["m"], start=seq - 1)
         assert prefix is not None, f"{name} cannot resume at {site}"
+        assert isinstance(key_value_prefix, KeyValuePrefix), f"{name} cannot run from cached keys and values at {site}"
         optimizer = torch.optim.Adam(alignment.parameters(), lr=1e-3)
 
         def mas_step(alignment=alignment, optimizer=optimizer, hidden=hidden, base_prefix=None, at_labels=False) -> None:
@@ -109,6 +116,7 @@ def bench_model(name: str, backend: str, repeats: int) -> dict:
         steps[where, layer, "mas"] = mas_step
         steps[where, layer, "mas_prefix"] = functools.partial(mas_step, base_prefix=prefix)
         steps[where, layer, "mas_prefix_labels"] = functools.partial(mas_step, base_prefix=prefix, at_labels=True)
+        steps[where, layer, "mas_key_values"] = functools.partial(mas_step, base_prefix=key_value_prefix, at_labels=True)
 
     def plain_step_with_grads() -> None:
         for parameter in model.parameters():
@@ -123,14 +131,15 @@ def bench_model(name: str, backend: str, repeats: int) -> dict:
     plain = statistics.median(r["plain"] for r in rounds)
     rows = []
     for where, layer in layers.items():
-        kinds = ("mas", "mas_prefix", "mas_prefix_labels")
+        kinds = ("mas", "mas_prefix", "mas_prefix_labels", "mas_key_values")
         ratio = {kind: statistics.median(r[where, layer, kind] / r["plain"] for r in rounds) for kind in kinds}
         rows.append({"where": where, "layer": layer, "site": site_name(backend, layer),
                      "mas_s": statistics.median(r[where, layer, "mas"] for r in rounds),
                      "mas_prefix_s": statistics.median(r[where, layer, "mas_prefix"] for r in rounds),
                      "mas_prefix_labels_s": statistics.median(r[where, layer, "mas_prefix_labels"] for r in rounds),
+                     "mas_key_values_s": statistics.median(r[where, layer, "mas_key_values"] for r in rounds),
                      "mas_over_plain": ratio["mas"], "mas_prefix_over_plain": ratio["mas_prefix"],
-                     "mas_prefix_labels_over_plain": ratio["mas_prefix_labels"]})
+                     "mas_prefix_labels_over_plain": ratio["mas_prefix_labels"], "mas_key_values_over_plain": ratio["mas_key_values"]})
     return {"model": name, "backend": backend, "n_layers": n_layers, "batch": batch, "seq": seq, "plain_s": plain,
             "rounds": [{"/".join(map(str, key)) if isinstance(key, tuple) else key: t for key, t in r.items()} for r in rounds],
             "layers": rows}
@@ -148,12 +157,13 @@ def main() -> None:
 
     print(f"MAS step / plain forward+backward (k={K}, 16 prompts, backend {args.backend}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__})")
-    print(f"{'model':<14}{'layer':>12}{'plain (s)':>11}{'MAS':>8}{'MAS+prefix':>12}{'+label logits':>15}")
+    print(f"{'model':<14}{'layer':>12}{'plain (s)':>11}{'MAS':>8}{'MAS+prefix':>12}{'+label logits':>15}{'+keys/values':>14}")
     for result in results:
         for row in result["layers"]:
             where = f"{row['where']} {row['layer']}/{result['n_layers']}"
             print(f"{result['model']:<14}{where:>12}{result['plain_s']:>11.3f}"
-                  f"{row['mas_over_plain']:>8.2f}{row['mas_prefix_over_plain']:>12.2f}{row['mas_prefix_labels_over_plain']:>15.2f}")
+                  f"{row['mas_over_plain']:>8.2f}{row['mas_prefix_over_plain']:>12.2f}{row['mas_prefix_labels_over_plain']:>15.2f}"
+                  f"{row['mas_key_values_over_plain']:>14.4f}")
     if args.json:
         machine = {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "platform": platform.platform(), "load_average": os.getloadavg()}
