@@ -176,11 +176,26 @@ def test_an_nnsight_model_on_the_gpu_gives_the_cpu_numbers_and_trains_from_cache
     assert result.steps > 0 and all(torch.isfinite(p).all() for p in on_gpu.parameters())
 
 
-def test_an_nnsight_model_on_the_gpu_reads_shared_prompt_prefixes_as_the_cpu_reads_whole_prompts(pairs) -> None:
-    from masalign import NNsightAdapter
+@pytest.mark.parametrize("backend", ["nnsight", "transformer_lens"])
+def test_a_model_on_the_gpu_reads_shared_prompt_prefixes_as_the_cpu_reads_whole_prompts(pairs, backend: str, tmp_path) -> None:
+    from masalign import NNsightAdapter, TransformerLensAdapter
 
-    site = "transformer.h.1.output"
-    on_cpu, on_gpu = NNsightAdapter(_tiny_gpt2(), name="M"), NNsightAdapter(_tiny_gpt2().to(GPU), name="M")
+    if backend == "nnsight":
+        site = "transformer.h.1.output"
+        on_cpu, on_gpu = NNsightAdapter(_tiny_gpt2(), name="M"), NNsightAdapter(_tiny_gpt2().to(GPU), name="M")
+    else:  # a TransformerBridge over the same GPT-2, booted from a folder as users boot one
+        from transformer_lens import TransformerBridge
+
+        from transformer_fixtures import save_tiny_gpt2
+
+        site = "blocks.1.hook_resid_post"
+        save_tiny_gpt2(tmp_path, vocab_size=16)  # for its tokenizer; the model is written over it
+        _tiny_gpt2().save_pretrained(tmp_path)
+        on_cpu, on_gpu = (
+            TransformerLensAdapter(TransformerBridge.boot_transformers(str(tmp_path), device=str(device)).eval(), name="M")
+            for device in (CPU, GPU)
+        )
+        assert on_gpu.supports_key_values(site)
     # The task's prompts share their beginnings: read in segments on the GPU (the cuts given, as
     # the plan for a GPU cuts less often), in one run on the CPU.
     batch = pairs["train"].subset(slice(0, 256))
