@@ -136,6 +136,7 @@ class TransformerLensAdapter:
         self._model = model
         self._example_inputs = example_inputs
         self._logits_fn = logits_fn or functools.partial(logits_from_output, adapter="TransformerLensAdapter")
+        self._own_logits_fn = logits_fn is not None
         self.name = name
         # One probe per setting of the hook flags: turning a flag on adds hook points.
         self._probes: dict[tuple[Any, ...], dict[str, _HookRecord]] = {}
@@ -270,7 +271,8 @@ class TransformerLensAdapter:
         """Whether runs resumed at ``site`` can also skip the positions before the first changed one:
         a block output of a ``TransformerBridge`` whose ``original_model`` is a Hugging Face model
         that takes a key/value cache and runs the bridge's blocks (``HookedTransformer`` has no such
-        model: its runs resume from the block's states alone)."""
+        model: its runs resume from the block's states alone), unless the adapter was given its own
+        ``logits_fn`` (which reads the bridge's output, not the Hugging Face model's)."""
         return self.supports_prefix(site) and self._key_values is not None and self._key_values.supported()
 
     @functools.cached_property
@@ -281,6 +283,8 @@ class TransformerLensAdapter:
         ``fit`` checks their logits against the bridge's own on its first rows)."""
         original = getattr(self._model, "original_model", None)
         blocks = getattr(self._model, "blocks", None)
+        if self._own_logits_fn:
+            return None  # it reads the bridge's output, not the Hugging Face model's
         if not isinstance(original, nn.Module) or getattr(original, "config", None) is None:
             return None
         if not isinstance(blocks, nn.ModuleList) or not len(blocks) or not any(module is blocks[0] for module in original.modules()):
@@ -299,9 +303,14 @@ class TransformerLensAdapter:
 
     def _hf_key_values(self) -> KeyValueRuns:
         if self._key_values is None:
+            why = (
+                "this adapter was given its own logits_fn, which reads the bridge's output"
+                if self._own_logits_fn
+                else f"this is a {type(self._model).__name__}"
+            )
             raise SiteError(
                 f"{self.name}: runs from cached keys and values need a TransformerBridge over a Hugging Face "
-                f"model; this is a {type(self._model).__name__} (see supports_key_values)"
+                f"model and the adapter's default logits; {why} (see supports_key_values)"
             )
         return self._key_values
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from masalign import CounterfactualPairs, ModelAlignment, fit
-from masalign.adapters import NNsightAdapter, TransformerLensAdapter
+from masalign.adapters import NNsightAdapter, SiteError, TransformerLensAdapter
 from masalign.adapters.resume import KeyValuePrefix
 from masalign.prefix import dataset_prefixes, prefix_row_cache, suffix_start
 from masalign.rowcache import RowCache
@@ -379,3 +379,22 @@ def test_a_source_read_over_keys_and_values_that_fails_its_check_falls_back(
         hidden = alignment.source_activations("A", data.source_inputs, data.source_positions)
     # The full read (of the distinct rows: a batch of another size, so equal to float rounding).
     assert (hidden - adapter.activations(data.source_inputs, site, data.source_positions)).abs().max() < 1e-6
+
+
+def test_a_bridge_with_its_own_logits_fn_resumes_from_states_alone(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # A user's logits_fn reads the bridge's output; the runs from cached keys and values give the
+    # Hugging Face model's, so such an adapter keeps to the states (exact, no warning).
+    from transformer_lens import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(_hf_folder(tmp_path_factory, "llama"), device="cpu").eval()
+    site = "blocks.1.hook_resid_post"
+    assert TransformerLensAdapter(bridge).supports_key_values(site)
+    adapter = TransformerLensAdapter(bridge, logits_fn=lambda output: output * 2.0)
+    assert adapter.supports_prefix(site) and not adapter.supports_key_values(site)
+    data = _pairs(4, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache = prefix_row_cache(adapter, site, data.base_inputs, data.base_positions, adapter.sites()[site], start=START)
+    assert cache is not None and not isinstance(cache[torch.arange(2)], KeyValuePrefix)
+    with pytest.raises(SiteError, match="own logits_fn, which reads the bridge.s output"):
+        adapter.key_value_prefix(data.base_inputs, site, START)
