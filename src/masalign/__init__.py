@@ -28,7 +28,7 @@ from .mas import ModelAlignment
 from .memo import ActivationMemo
 from .objectives import Direction, all_directions
 from .patching import AnswerAccuracy, AnswerProbability, LogitDifference, PatchingResult, ablation, activation_patching
-from .sweep import iia_by_subspace_dim
+from .sweep import iia_by_site, iia_by_subspace_dim
 from .train import FitResult, LatentObjective, fit
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "all_directions",
     "evaluate",
     "fit",
+    "iia_by_site",
     "iia_by_subspace_dim",
     "interchange",
     "interchange_scores",

@@ -1,15 +1,31 @@
-"""IIA against subspace size ``k`` (docs/method.md section 6): one fit and one evaluation per ``k``."""
+"""Sweeps: one fit and one evaluation per setting, on the same pairs.
+
+- :func:`iia_by_subspace_dim`: IIA against the subspace size ``k`` (docs/method.md section 6);
+- :func:`iia_by_site`: IIA per site (a layer sweep: where a model holds the variable,
+  or which layer of one model aligns with which of another).
+
+Each setting reads the same source activations and base prefixes (they depend on
+the models, sites and pairs, not on the alignment), so a sweep passes one
+:class:`masalign.memo.ActivationMemo` to every fit and evaluation and each (model,
+site, data) is read once. The memo it makes itself is cleared whenever ``build``
+returns other model objects than the setting before (nothing could be reused).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from .data import CounterfactualData, LabelledSequences
 from .evaluate import IIAReport, evaluate
 from .mas import ModelAlignment
+from .memo import ActivationMemo
 from .objectives import Direction
 from .train import fit
+
+Setting = TypeVar("Setting")
+# A site for every model (one name), or one per model.
+Sites = str | Mapping[str, str]
 
 
 def iia_by_subspace_dim(
@@ -22,6 +38,7 @@ def iia_by_subspace_dim(
     ceiling_data: LabelledSequences | Mapping[str, LabelledSequences] | None = None,
     directions: Sequence[Direction] | None = None,
     progress: Callable[[int, IIAReport], None] | None = None,
+    memo: ActivationMemo | None = None,
 ) -> dict[int, IIAReport]:
     """Fit and evaluate one alignment per subspace size: the IIA-against-``k`` curve.
 
@@ -33,6 +50,7 @@ def iia_by_subspace_dim(
             ``directions`` is added to them.
         directions: trained and evaluated directions; default all ``n^2``.
         progress: called with ``(k, report)`` after each size, e.g. to print a line.
+        memo: shared by every fit and evaluation (default: one for this sweep).
 
     Returns ``{k: IIAReport}``; each report's ``extra["fit"]`` holds the fit summary.
     """
@@ -42,16 +60,92 @@ def iia_by_subspace_dim(
     for k in sizes:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"every subspace size must be a positive integer; got {k!r} in {sizes}")
-    options = dict(fit_options or {})
-    if "directions" in options:
-        raise ValueError("pass directions as the directions argument, not inside fit_options")
-    reports: dict[int, IIAReport] = {}
-    for k in sizes:
-        alignment = build(k)
-        result = fit(alignment, train, valid, directions=directions, **options)
-        report = evaluate(alignment, test, ceiling_data=ceiling_data, directions=directions)
-        report.extra["fit"] = result.summary()
-        reports[k] = report
+    reports = _sweep(build, sizes, train, valid, test, fit_options, ceiling_data, directions, memo)
+    result: dict[int, IIAReport] = {}
+    for k, report in reports:
+        result[k] = report
         if progress is not None:
             progress(k, report)
-    return reports
+    return result
+
+
+def iia_by_site(
+    build: Callable[[Sites], ModelAlignment],
+    sites: Sequence[Sites],
+    train: CounterfactualData | Sequence[CounterfactualData],
+    valid: CounterfactualData | Sequence[CounterfactualData],
+    test: CounterfactualData,
+    fit_options: Mapping[str, Any] | None = None,
+    ceiling_data: LabelledSequences | Mapping[str, LabelledSequences] | None = None,
+    directions: Sequence[Direction] | None = None,
+    progress: Callable[[Sites, IIAReport], None] | None = None,
+    memo: ActivationMemo | None = None,
+) -> dict[Hashable, IIAReport]:
+    """Fit and evaluate one alignment per site: a layer sweep.
+
+    Args:
+        build: ``build(sites)`` returns a fresh :class:`ModelAlignment` at ``sites``, e.g.
+            ``lambda site: ModelAlignment({"gpt": adapter}, site, 8)`` (DAS per layer) or
+            ``lambda sites: ModelAlignment(models, sites, 16)`` (MAS per pair of layers).
+        sites: the settings to try: site names, or mappings from model name to site
+            (``{"A": "blocks.3.hook_resid_post", "B": "model.layers.5.output"}``).
+        fit_options, ceiling_data, directions, memo: as in :func:`iia_by_subspace_dim`.
+        progress: called with ``(sites, report)`` after each setting.
+
+    Returns ``{key: IIAReport}`` in the order given, keyed by the site name, or for a
+    mapping by the tuple of its ``(model, site)`` items in order; each report's
+    ``extra["sites"]`` holds the alignment's sites per model and ``extra["fit"]`` the
+    fit summary.
+    """
+    settings = list(sites)
+    if not settings:
+        raise ValueError("sites is empty; give the sites to sweep, e.g. [f'blocks.{i}.hook_resid_post' for i in range(4)]")
+    keys: list[Hashable] = []
+    for setting in settings:
+        if isinstance(setting, str):
+            keys.append(setting)
+        elif isinstance(setting, Mapping) and setting and all(isinstance(s, str) for s in setting.values()):
+            keys.append(tuple(setting.items()))
+        else:
+            raise ValueError(f"each entry of sites must be a site name or a non-empty mapping of model name to site name; got {setting!r}")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"sites lists a setting more than once: {[k for k in keys if keys.count(k) > 1][0]!r}")
+    result: dict[Hashable, IIAReport] = {}
+    for key, (setting, report) in zip(keys, _sweep(build, settings, train, valid, test, fit_options, ceiling_data, directions, memo)):
+        result[key] = report
+        if progress is not None:
+            progress(setting, report)
+    return result
+
+
+def _sweep(
+    build: Callable[[Setting], ModelAlignment],
+    settings: list[Setting],
+    train: CounterfactualData | Sequence[CounterfactualData],
+    valid: CounterfactualData | Sequence[CounterfactualData],
+    test: CounterfactualData,
+    fit_options: Mapping[str, Any] | None,
+    ceiling_data: LabelledSequences | Mapping[str, LabelledSequences] | None,
+    directions: Sequence[Direction] | None,
+    memo: ActivationMemo | None,
+):  # -> Iterator[tuple[Setting, IIAReport]]
+    """Fit and evaluate ``build(setting)`` for each setting, one memo shared by all (yielded as
+    each is done, so a caller's progress sees them one by one)."""
+    options = dict(fit_options or {})
+    for name in ("directions", "memo"):
+        if name in options:
+            raise ValueError(f"pass {name} as the {name} argument, not inside fit_options")
+    own_memo = memo is None
+    memo = ActivationMemo() if memo is None else memo
+    models_before: list[int] | None = None
+    for setting in settings:
+        alignment = build(setting)
+        models_now = sorted(id(adapter) for adapter in alignment.models.values())
+        if own_memo and models_before is not None and models_now != models_before:
+            memo.clear()  # other model objects: nothing read so far can be reused, only held
+        models_before = models_now
+        result = fit(alignment, train, valid, directions=directions, memo=memo, **options)
+        report = evaluate(alignment, test, ceiling_data=ceiling_data, directions=directions, memo=memo)
+        report.extra["fit"] = result.summary()
+        report.extra["sites"] = dict(alignment.sites)
+        yield setting, report
