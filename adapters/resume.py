@@ -241,6 +241,14 @@ class KeyValuePrefix:
         n = len(self.keys)
         return KeyValuePrefix(parts[0], tuple(parts[1 : 1 + n]), tuple(parts[1 + n :]), self.start, self.first_block, self.n_blocks)
 
+    def with_start(self, start: int) -> KeyValuePrefix:
+        """The same prefix with keys and values up to an earlier ``start`` only (views, no copy)."""
+        if not 0 < start <= self.start:
+            raise ValueError(f"a prefix with keys and values up to position {self.start} cannot start at {start}")
+        keys = tuple(k[:, :, :start] for k in self.keys)
+        values = tuple(v[:, :, :start] for v in self.values)
+        return KeyValuePrefix(self.states, keys, values, start, self.first_block, self.n_blocks)
+
     def __getitem__(self, index: Tensor) -> KeyValuePrefix:
         return self.with_tensors([t[index] for t in self.tensors()])
 

@@ -3,10 +3,14 @@
 Against ``transformer_lens.patching`` on the same inputs (1e-5); against plain
 PyTorch forward hooks for nnsight; step-wise exact on a fused GRU (a state patched
 at or after the last differing token restores the clean run completely); the
-ablations against their definitions; and the bad inputs the issue names.
+ablations against their definitions; the bad inputs the issue names; and cells run
+from cached states (and keys and values) equal to whole runs, with a fallback where
+they would not be.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -190,3 +194,74 @@ def test_a_recurrent_site_from_the_demo_model_zoo() -> None:
     answers = adapter.logits(clean)[:, -1].argmax(-1)
     result = activation_patching(adapter, clean, corrupted, ["rnn.hc_l0"], LogitDifference(answers, (answers + 1) % VOCAB))
     assert torch.allclose(result.values[0, 1:], torch.ones(SEQ - 1), atol=1e-4)
+
+
+# -- cells run from cached states (and keys and values) -------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["gpt2, nnsight", "llama, nnsight", "llama, TransformerLens", "gemma3, TransformerLens", "native bridge"])
+def patched_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, bridge):
+    """``(adapter, site, clean, corrupted, positions)``: Hugging Face models through nnsight and
+    TransformerLens bridges (cells from keys and values; left-padded llama and gemma3 with a
+    sliding window of 4), and a native bridge (cells from the site's states only)."""
+    from test_prefix_cache import VOCAB as HF_VOCAB, _bridge, _hf_folder, _padded_inputs
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    kind = request.param
+    if kind == "native bridge":
+        return TransformerLensAdapter(bridge), "blocks.0.hook_resid_post", _tokens(0), _tokens(1), list(range(SEQ))
+    if kind == "gpt2, nnsight":
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=2, n_positions=16)).eval()
+        return NNsightAdapter(model), "transformer.h.1.output", _tokens(0), _tokens(1), list(range(SEQ))
+    model_kind, backend = kind.split(", ")
+    folder = _hf_folder(tmp_path_factory, model_kind)
+    if backend == "nnsight":
+        adapter, site = NNsightAdapter(AutoModelForCausalLM.from_pretrained(folder).eval()), "model.layers.1.output"
+    else:
+        adapter, site = _bridge(folder), "blocks.1.hook_resid_post"
+    clean = _padded_inputs("input_ids")
+    corrupted = dict(clean, input_ids=torch.where(clean["attention_mask"].bool(), torch.randint(1, HF_VOCAB, clean["input_ids"].shape, generator=torch.Generator().manual_seed(5)), 0))
+    return adapter, site, clean, corrupted, [5, 6, 8, 10]  # the positions every row has
+
+
+def _counting_whole_runs(adapter, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    whole = adapter.run_with_replacement
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        return whole(*args, **kwargs)
+
+    monkeypatch.setattr(adapter, "run_with_replacement", counted)
+    return calls
+
+
+@pytest.mark.parametrize("patch_into", ["corrupted", "clean"])
+def test_cells_from_cached_runs_equal_whole_runs(patched_model, patch_into: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter, site, clean, corrupted, positions = patched_model
+    metric = LogitDifference(answer=3, wrong=7)
+    whole = activation_patching(adapter, clean, corrupted, site, metric, positions=positions, patch_into=patch_into, normalize=False, prefix_cache=False)
+    calls = _counting_whole_runs(adapter, monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        cached = activation_patching(adapter, clean, corrupted, site, metric, positions=positions, patch_into=patch_into, normalize=False)
+    assert (cached.raw - whole.raw).abs().max() < 1e-5
+    # One whole run per way of running cells, to check it (from keys and values at positions after
+    # 0; from the states at position 0, or where the adapter keeps no keys); every other cell from the caches.
+    key_values = adapter.supports_key_values(site)
+    ways = {"key values" for p in positions if key_values and p > 0} | {"states" for p in positions if not key_values or p == 0}
+    assert len(calls) == len(ways)
+    ablated = ablation(adapter, clean, site, metric, kind="mean", positions=positions)
+    assert (ablated.raw - ablation(adapter, clean, site, metric, kind="mean", positions=positions, prefix_cache=False).raw).abs().max() < 1e-5
+
+
+def test_cells_that_a_cached_run_gets_wrong_run_whole_with_a_warning(patched_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter, site, clean, corrupted, positions = patched_model
+    metric = LogitDifference(answer=3, wrong=7)
+    whole = activation_patching(adapter, clean, corrupted, site, metric, positions=positions, normalize=False, prefix_cache=False)
+    resume = adapter.run_from_prefix
+    monkeypatch.setattr(adapter, "run_from_prefix", lambda *args: resume(*args) + 1.0)
+    with pytest.warns(UserWarning, match=f"patching {site!r} from cached .* away from the whole run's; each of its cells runs the whole model"):
+        result = activation_patching(adapter, clean, corrupted, site, metric, positions=positions, normalize=False)
+    assert (result.raw - whole.raw).abs().max() < 1e-6

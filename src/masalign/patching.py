@@ -34,6 +34,7 @@ vocab)`` logits to a scalar tensor works too.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +42,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adapters.base import ModelAdapter, ModelInputs, probing, tokens_and_mask, unknown_site_error
+from .adapters.base import ModelAdapter, ModelInputs, Replacement, parameter_devices, probing, tokens_and_mask, unknown_site_error
+from .adapters.resume import KeyValuePrefix
 from .data import inputs_to
+from .prefix import supports_key_values, supports_prefix
 
 Metric = Callable[[Tensor], Tensor]
 
@@ -250,6 +253,7 @@ def activation_patching(
     patch_into: str = "corrupted",
     normalize: bool = True,
     position_labels: Sequence[str] | None = None,
+    prefix_cache: bool = True,
 ) -> PatchingResult:
     """Patch each site at each position from one run into the other; see the module docstring.
 
@@ -257,7 +261,8 @@ def activation_patching(
     ids, or a mapping with an ``attention_mask`` that must be the same in both).
     ``positions`` default to every position of the sequence. Each cell patches
     that position in every example at once and takes ``metric`` over the batch,
-    as ``transformer_lens.patching`` does.
+    as ``transformer_lens.patching`` does. ``prefix_cache``: at a block's output,
+    run each cell from the patched run's cached states (:class:`_SiteRuns`).
     """
     if patch_into not in ("corrupted", "clean"):
         raise ValueError(f"patch_into must be 'corrupted' (denoising) or 'clean' (noising), got {patch_into!r}")
@@ -274,8 +279,9 @@ def activation_patching(
         for i, site in enumerate(sites):
             source_rows = adapter.activations(source, site, grid.to(adapter.device))  # (batch, n, width)
             _check_width(source_rows, adapter, site)
+            runs = _SiteRuns(adapter, target, site, positions, prefix_cache)
             for j in range(len(positions)):
-                raw[i, j] = _patched_metric(adapter, metric, target, site, grid[:, j : j + 1], source_rows[:, j])
+                raw[i, j] = _patched_metric(runs, metric, grid[:, j : j + 1], source_rows[:, j])
     kind = "denoising" if patch_into == "corrupted" else "noising"
     return PatchingResult(normalise(raw), raw, sites, positions, _metric_name(metric), kind, clean_value, corrupted_value,
                           normalize, list(position_labels) if position_labels is not None else None)
@@ -291,6 +297,7 @@ def ablation(
     reference: ModelInputs | None = None,
     corrupted: ModelInputs | None = None,
     seed: int = 0,
+    prefix_cache: bool = True,
     position_labels: Sequence[str] | None = None,
 ) -> PatchingResult:
     """Replace each site's activation at each position and measure ``metric`` on ``inputs``.
@@ -300,7 +307,8 @@ def ablation(
     activation there; one permutation per call, from ``seed``) or ``"zero"``.
     ``reference`` defaults to ``inputs`` and must have the same sequence length.
     With ``corrupted`` inputs the values are normalised (0 = corrupted, 1 =
-    unablated); without, they are the raw metric.
+    unablated); without, they are the raw metric. ``prefix_cache``: as in
+    :func:`activation_patching`.
     """
     if kind not in ("mean", "resample", "zero"):
         raise ValueError(f"kind must be 'mean', 'resample' or 'zero', got {kind!r}")
@@ -343,10 +351,9 @@ def ablation(
                     replacement_rows = reference_rows.mean(0, keepdim=True).expand(batch, -1, -1)
                 else:
                     replacement_rows = reference_rows[donors.to(reference_rows.device)]
+            runs = _SiteRuns(adapter, inputs, site, positions, prefix_cache)
             for j in range(len(positions)):
-                raw[i, j] = _patched_metric(
-                    adapter, metric, inputs, site, grid.expand(batch, -1)[:, j : j + 1], replacement_rows[:, j]
-                )
+                raw[i, j] = _patched_metric(runs, metric, grid.expand(batch, -1)[:, j : j + 1], replacement_rows[:, j])
     return PatchingResult(normalise(raw), raw, sites, positions, _metric_name(metric), f"{kind} ablation", clean_value,
                           corrupted_value, corrupted is not None, list(position_labels) if position_labels is not None else None)
 
@@ -354,14 +361,88 @@ def ablation(
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def _patched_metric(adapter: ModelAdapter, metric: Metric, inputs: ModelInputs, site: str, positions: Tensor, rows: Tensor) -> float:
-    """``metric`` of ``inputs``' run with ``site`` at ``positions`` ``(batch, 1)`` set to ``rows`` ``(batch, width)``."""
+class _SiteRuns:
+    """The runs of one site's cells: ``inputs`` with the site's rows at one position replaced.
+
+    The run up to the site is the same in every cell, and in a causal model so is
+    everything before the patched position. Where the site is a block's output and
+    the adapter can resume there (:mod:`masalign.prefix`), the states at the site are
+    computed once and each cell runs only the blocks after it; where the adapter also
+    keeps the later blocks' keys and values (a Hugging Face model through nnsight or a
+    TransformerLens bridge), those of the positions before the last patched one are
+    computed once too, and a cell at position ``p`` runs positions ``p..`` only, its
+    logits before ``p`` being the unpatched run's. Each way is checked once per site
+    against the whole run (the first cell it serves, whose whole-run value is the one
+    kept); beyond ``1e-4`` of the logits' scale that site's cells run whole, with a
+    warning. Otherwise (``prefix_cache=False``, other sites, a model sharded across
+    devices) every cell is one ``run_with_replacement``.
+    """
+
+    def __init__(self, adapter: ModelAdapter, inputs: ModelInputs, site: str, positions: Sequence[int], prefix_cache: bool) -> None:
+        self.adapter, self.inputs, self.site = adapter, inputs, site
+        self.states: Tensor | None = None
+        self.key_values: KeyValuePrefix | None = None
+        self.unpatched: Tensor | None = None
+        self.checked: set[str] = set()
+        if not prefix_cache or not supports_prefix(adapter, site) or len(parameter_devices(adapter.model)) > 1:
+            return
+        last = max(positions)
+        with torch.no_grad():
+            if last > 0 and supports_key_values(adapter, site):
+                self.key_values = adapter.key_value_prefix(inputs, site, last)
+                self.states = self.key_values.states
+                self.unpatched = adapter.logits(inputs)
+            else:
+                self.states = adapter.prefix(inputs, site)
+
+    def real_tokens(self) -> Tensor | None:
+        """``(batch, seq)``: where the inputs hold a real token (a 2-d attention mask), else ``None``.
+
+        Padding's logits are not compared: nothing should read them, and a TransformerLens
+        bridge's attention lets padding that attends to nothing see every position (so its
+        logits change with a patch after it, where the run from keys and values keeps the
+        unpatched run's)."""
+        mask = tokens_and_mask(self.inputs)[1]
+        return mask.bool() if mask is not None and mask.dim() == 2 else None
+
+    def __call__(self, positions: Tensor, replace: Replacement) -> Tensor:
+        """Logits of the run with ``replace`` at ``positions`` ``(batch, 1)``, one position for every row."""
+        positions = positions.to(self.adapter.device)
+        if self.states is None:
+            return self.adapter.run_with_replacement(self.inputs, self.site, positions, replace)
+        start = int(positions.min())
+        way = "keys and values" if self.key_values is not None and start > 0 else "states"
+        with torch.no_grad():
+            if way == "states":
+                logits = self.adapter.run_from_prefix(self.inputs, self.site, self.states, positions, replace)
+            else:
+                prefix = self.key_values.with_start(start)
+                resumed = self.adapter.run_from_prefix(self.inputs, self.site, prefix, positions, replace)
+                logits = torch.cat([self.unpatched[:, :start], resumed[:, start:]], dim=1)
+            if way in self.checked:
+                return logits
+            self.checked.add(way)
+            whole = self.adapter.run_with_replacement(self.inputs, self.site, positions, replace)
+        real = self.real_tokens()
+        whole_real, logits_real = (whole, logits) if real is None else (whole[real], logits[real])
+        difference = float((whole_real.float() - logits_real.float()).abs().max())
+        if not difference <= 1e-4 * max(1.0, float(whole_real.float().abs().max())):
+            warnings.warn(
+                f"model {getattr(self.adapter, 'name', 'model')!r}: patching {self.site!r} from cached {way} gives logits "
+                f"{difference:.3g} away from the whole run's; each of its cells runs the whole model instead",
+                stacklevel=4,
+            )
+            self.states = self.key_values = None
+        return whole
+
+
+def _patched_metric(runs: _SiteRuns, metric: Metric, positions: Tensor, rows: Tensor) -> float:
+    """``metric`` of the run with the site at ``positions`` ``(batch, 1)`` set to ``rows`` ``(batch, width)``."""
 
     def replace(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
         return rows[example_index].to(hidden.dtype)
 
-    logits = adapter.run_with_replacement(inputs, site, positions.to(adapter.device), replace)
-    return _scalar(metric(logits))
+    return _scalar(metric(runs(positions, replace)))
 
 
 def _metric_of(adapter: ModelAdapter, metric: Metric, inputs: ModelInputs) -> float:
