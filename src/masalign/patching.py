@@ -45,6 +45,7 @@ from torch import Tensor
 from .adapters.base import ModelAdapter, ModelInputs, Replacement, parameter_devices, probing, tokens_and_mask, unknown_site_error
 from .adapters.resume import KeyValuePrefix
 from .data import inputs_to
+from .logit_rows import logits_at
 from .prefix import supports_key_values, supports_prefix
 
 Metric = Callable[[Tensor], Tensor]
@@ -78,10 +79,9 @@ class _AnswerMetric:
         """The metric's token ids by role, for the vocabulary check."""
         return {"answer": self.answer}
 
-    def rows(self, logits: Tensor) -> Tensor:
-        """``(batch, vocab)`` logits at the metric's position."""
-        batch, seq = logits.shape[:2]
-        position = torch.as_tensor(self.position, device=logits.device).long()
+    def read_positions(self, batch: int, seq: int, device: torch.device | str = "cpu") -> Tensor:
+        """``(batch,)``: the position the metric reads in each example, counted from 0."""
+        position = torch.as_tensor(self.position, device=device).long()
         if position.dim() == 0:
             position = position.expand(batch)
         if position.shape != (batch,):
@@ -89,7 +89,19 @@ class _AnswerMetric:
         position = torch.where(position < 0, position + seq, position)
         if bool(((position < 0) | (position >= seq)).any()):
             raise IndexError(f"the metric's position {self.position} is outside the sequence of length {seq}")
-        return logits[torch.arange(batch, device=logits.device), position]
+        return position
+
+    def rows(self, logits: Tensor) -> Tensor:
+        """``(batch, vocab)`` logits at the metric's position."""
+        batch, seq = logits.shape[:2]
+        return logits[torch.arange(batch, device=logits.device), self.read_positions(batch, seq, logits.device)]
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return self.of_rows(self.rows(logits))
+
+    def of_rows(self, rows: Tensor) -> Tensor:
+        """The metric of the ``(batch, vocab)`` logits at its position."""
+        raise NotImplementedError  # each metric below
 
     def check_vocabulary(self, vocab_size: int) -> None:
         for role, tokens in self.token_ids().items():
@@ -129,8 +141,8 @@ class LogitDifference(_AnswerMetric):
     def token_ids(self) -> dict[str, Tensor]:
         return {"answer": self.answer, "wrong": self.wrong}
 
-    def __call__(self, logits: Tensor) -> Tensor:
-        rows = self.rows(logits).float()
+    def of_rows(self, rows: Tensor) -> Tensor:
+        rows = rows.float()
         return (self.at(rows, self.answer) - self.at(rows, self.wrong)).mean()
 
 
@@ -139,8 +151,8 @@ class AnswerProbability(_AnswerMetric):
 
     name = "answer probability"
 
-    def __call__(self, logits: Tensor) -> Tensor:
-        return self.at(self.rows(logits).float().softmax(-1), self.answer).mean()
+    def of_rows(self, rows: Tensor) -> Tensor:
+        return self.at(rows.float().softmax(-1), self.answer).mean()
 
 
 class AnswerAccuracy(_AnswerMetric):
@@ -148,8 +160,7 @@ class AnswerAccuracy(_AnswerMetric):
 
     name = "accuracy"
 
-    def __call__(self, logits: Tensor) -> Tensor:
-        rows = self.rows(logits)
+    def of_rows(self, rows: Tensor) -> Tensor:
         return (rows.argmax(-1) == self.per_example(self.answer, rows)).float().mean()
 
 
@@ -370,19 +381,24 @@ class _SiteRuns:
     computed once and each cell runs only the blocks after it; where the adapter also
     keeps the later blocks' keys and values (a Hugging Face model through nnsight or a
     TransformerLens bridge), those of the positions before the last patched one are
-    computed once too, and a cell at position ``p`` runs positions ``p..`` only, its
-    logits before ``p`` being the unpatched run's. Each way is checked once per site
-    against the whole run (the first cell it serves, whose whole-run value is the one
-    kept); beyond ``1e-4`` of the logits' scale that site's cells run whole, with a
-    warning. Otherwise (``prefix_cache=False``, other sites, a model sharded across
-    devices) every cell is one ``run_with_replacement``.
+    computed once too, and a cell at position ``p > 0`` runs positions ``p..`` only
+    (position 0 runs whole). The first cached cell of a site is checked against its
+    whole run (whose value is the one kept); beyond ``1e-4`` of the logits' scale
+    that site's cells run whole, with a warning. Otherwise (``prefix_cache=False``, other
+    sites, a model sharded across devices) every cell is one ``run_with_replacement``.
+
+    A cell's logits are those at ``read`` ``(batch, n)`` (the positions a metric reads;
+    the unembedding runs there only, :func:`masalign.logit_rows.logits_at`), or, with
+    ``read=None``, at every position: before ``p`` the unpatched run's, as a causal
+    model gives them (padding's aside: nothing should read them, and a TransformerLens
+    bridge lets padding that attends to nothing see every position).
     """
 
     def __init__(self, adapter: ModelAdapter, inputs: ModelInputs, site: str, positions: Sequence[int], prefix_cache: bool) -> None:
         self.adapter, self.inputs, self.site = adapter, inputs, site
         self.states: Tensor | None = None
         self.key_values: KeyValuePrefix | None = None
-        self.unpatched: Tensor | None = None
+        self._unpatched: Tensor | None = None
         self.checked: set[str] = set()
         if not prefix_cache or not supports_prefix(adapter, site) or len(parameter_devices(adapter.model)) > 1:
             return
@@ -391,58 +407,74 @@ class _SiteRuns:
             if last > 0 and supports_key_values(adapter, site):
                 self.key_values = adapter.key_value_prefix(inputs, site, last)
                 self.states = self.key_values.states
-                self.unpatched = adapter.logits(inputs)
             else:
                 self.states = adapter.prefix(inputs, site)
 
-    def real_tokens(self) -> Tensor | None:
-        """``(batch, seq)``: where the inputs hold a real token (a 2-d attention mask), else ``None``.
+    def unpatched(self) -> Tensor:
+        """The run's own logits at every position (once)."""
+        if self._unpatched is None:
+            with torch.no_grad():
+                self._unpatched = self.adapter.logits(self.inputs)
+        return self._unpatched
 
-        Padding's logits are not compared: nothing should read them, and a TransformerLens
-        bridge's attention lets padding that attends to nothing see every position (so its
-        logits change with a patch after it, where the run from keys and values keeps the
-        unpatched run's)."""
-        mask = tokens_and_mask(self.inputs)[1]
-        return mask.bool() if mask is not None and mask.dim() == 2 else None
-
-    def __call__(self, positions: Tensor, replace: Replacement) -> Tensor:
-        """Logits of the run with ``replace`` at ``positions`` ``(batch, 1)``, one position for every row."""
+    def __call__(self, positions: Tensor, replace: Replacement, read: Tensor | None) -> Tensor:
+        """Logits of the run with ``replace`` at ``positions`` ``(batch, 1)`` (one position for every
+        row): ``(batch, n, vocab)`` at ``read``, or ``(batch, seq, vocab)`` with ``read=None``."""
         positions = positions.to(self.adapter.device)
+        adapter, inputs, site = self.adapter, self.inputs, self.site
+
+        def at_read(run: Callable[[], Tensor]) -> Tensor:
+            return run() if read is None else logits_at(adapter, read.to(adapter.device), inputs, run)
+
+        def whole() -> Tensor:
+            return at_read(lambda: adapter.run_with_replacement(inputs, site, positions, replace))
+
         if self.states is None:
-            return self.adapter.run_with_replacement(self.inputs, self.site, positions, replace)
+            return whole()
         start = int(positions.min())
-        way = "keys and values" if self.key_values is not None and start > 0 else "states"
+        from_key_values = self.key_values is not None and start > 0 and (read is None or int(read.min()) >= start)
+        if self.key_values is not None and not from_key_values:
+            return whole()  # position 0 (or a metric before the patch): runs whole, as its check would
         with torch.no_grad():
-            if way == "states":
-                logits = self.adapter.run_from_prefix(self.inputs, self.site, self.states, positions, replace)
-            else:
+            if from_key_values:
                 prefix = self.key_values.with_start(start)
-                resumed = self.adapter.run_from_prefix(self.inputs, self.site, prefix, positions, replace)
-                logits = torch.cat([self.unpatched[:, :start], resumed[:, start:]], dim=1)
+                logits = at_read(lambda: adapter.run_from_prefix(inputs, site, prefix, positions, replace))
+                if read is None:
+                    logits = torch.cat([self.unpatched()[:, :start], logits[:, start:]], dim=1)
+            else:
+                logits = at_read(lambda: adapter.run_from_prefix(inputs, site, self.states, positions, replace))
+            way = "keys and values" if from_key_values else "states"
             if way in self.checked:
                 return logits
             self.checked.add(way)
-            whole = self.adapter.run_with_replacement(self.inputs, self.site, positions, replace)
-        real = self.real_tokens()
-        whole_real, logits_real = (whole, logits) if real is None else (whole[real], logits[real])
-        difference = float((whole_real.float() - logits_real.float()).abs().max())
-        if not difference <= 1e-4 * max(1.0, float(whole_real.float().abs().max())):
+            reference = whole()
+        compared, ours = reference, logits
+        mask = tokens_and_mask(inputs)[1]
+        if read is None and mask is not None and mask.dim() == 2:  # padding's logits aside
+            compared, ours = reference[mask.bool()], logits[mask.bool()]
+        difference = float((compared.float() - ours.float()).abs().max())
+        if not difference <= 1e-4 * max(1.0, float(compared.float().abs().max())):
             warnings.warn(
-                f"model {getattr(self.adapter, 'name', 'model')!r}: patching {self.site!r} from cached {way} gives logits "
+                f"model {getattr(adapter, 'name', 'model')!r}: patching {site!r} from cached {way} gives logits "
                 f"{difference:.3g} away from the whole run's; each of its cells runs the whole model instead",
                 stacklevel=4,
             )
             self.states = self.key_values = None
-        return whole
+        return reference
 
 
 def _patched_metric(runs: _SiteRuns, metric: Metric, positions: Tensor, rows: Tensor) -> float:
-    """``metric`` of the run with the site at ``positions`` ``(batch, 1)`` set to ``rows`` ``(batch, width)``."""
+    """``metric`` of the run with the site at ``positions`` ``(batch, 1)`` set to ``rows`` ``(batch, width)``;
+    the logits at the metric's position only, where it says which (the metrics here)."""
 
     def replace(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
         return rows[example_index].to(hidden.dtype)
 
-    return _scalar(metric(runs(positions, replace)))
+    if isinstance(metric, _AnswerMetric):
+        batch, seq = _layout(runs.inputs)
+        read = metric.read_positions(batch, seq)[:, None]
+        return _scalar(metric.of_rows(runs(positions, replace, read)[:, 0]))
+    return _scalar(metric(runs(positions, replace, None)))
 
 
 def _metric_of(adapter: ModelAdapter, metric: Metric, inputs: ModelInputs) -> float:
