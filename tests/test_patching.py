@@ -263,3 +263,19 @@ def test_cells_that_a_cached_run_gets_wrong_run_whole_with_a_warning(patched_mod
     with pytest.warns(UserWarning, match=f"patching {site!r} from cached .* away from the whole run's; each of its cells runs the whole model"):
         result = activation_patching(adapter, clean, corrupted, site, metric, positions=positions, normalize=False)
     assert (result.raw - whole.raw).abs().max() < 1e-6
+
+
+def test_cells_whose_keys_and_values_cannot_be_read_run_from_the_states_with_a_warning(patched_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter, site, clean, corrupted, positions = patched_model
+    if not adapter.supports_key_values(site):
+        pytest.skip("this adapter keeps no keys and values")
+    metric = LogitDifference(answer=3, wrong=7)
+    whole = activation_patching(adapter, clean, corrupted, site, metric, positions=positions, normalize=False, prefix_cache=False)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise ValueError("runs from cached keys and values take token ids and an attention_mask only")
+
+    monkeypatch.setattr(adapter, "key_value_prefix", refused)
+    with pytest.warns(UserWarning, match="from cached keys and values failed \\(ValueError: runs from cached keys .*\\); its cells run from the states"):
+        result = activation_patching(adapter, clean, corrupted, site, metric, positions=positions, normalize=False)
+    assert (result.raw - whole.raw).abs().max() < 1e-5

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adapters.base import ModelAdapter, ModelInputs, Replacement, parameter_devices, probing, tokens_and_mask, unknown_site_error
+from .adapters.base import ModelAdapter, ModelInputs, Replacement, SiteError, parameter_devices, probing, tokens_and_mask, unknown_site_error
 from .adapters.resume import KeyValuePrefix
 from .data import inputs_to
 from .logit_rows import logits_at
@@ -405,9 +405,17 @@ class _SiteRuns:
         last = max(positions)
         with torch.no_grad():
             if last > 0 and supports_key_values(adapter, site):
-                self.key_values = adapter.key_value_prefix(inputs, site, last)
-                self.states = self.key_values.states
-            else:
+                try:
+                    self.key_values = adapter.key_value_prefix(inputs, site, last)
+                except (TypeError, ValueError, RuntimeError, SiteError) as error:
+                    warnings.warn(
+                        f"model {getattr(adapter, 'name', 'model')!r}: patching {site!r} from cached keys and values failed "
+                        f"({type(error).__name__}: {error}); its cells run from the states at the site instead",
+                        stacklevel=3,
+                    )
+                else:
+                    self.states = self.key_values.states
+            if self.states is None:
                 self.states = adapter.prefix(inputs, site)
 
     def unpatched(self) -> Tensor:
