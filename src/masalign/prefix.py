@@ -15,7 +15,7 @@ Beyond ``max_bytes`` the prefix is not cached, with a warning.
 
 Positions before the first one a dataset writes or labels (:func:`suffix_start`)
 are the same in every step, at every layer. Where the adapter can
-(``supports_key_values``: the nnsight adapter on a Hugging Face model), the
+(``supports_key_values``: a Hugging Face model through nnsight or a TransformerLens bridge), the
 prefix also keeps the later blocks' keys and values there
 (:class:`masalign.adapters.resume.KeyValuePrefix`), and each step runs only the
 positions from that one on: for an interchange at the last token, one position
@@ -196,7 +196,7 @@ def _split_in_two(adapter: Any, inputs: ModelInputs, start: int) -> dict[str, li
 
 class SourceReader:
     """An adapter's activations at a site, read by :meth:`key_value_activations` where the adapter
-    has it (the nnsight adapter on a Hugging Face model, at a block output): the positions before
+    has it (a Hugging Face model through nnsight or a TransformerLens bridge, at a block output): the positions before
     the first read one run only until the site block has stored their keys and values.
 
     The first call checks its shorter read of the first two rows against :meth:`activations`
