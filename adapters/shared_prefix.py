@@ -14,7 +14,8 @@ This module is the bookkeeping, on token tensors only: which rows share a prefix
 (:func:`prefix_groups`, exact: grouped by a hash, then checked token for token),
 how many distinct prefixes each length has (:func:`distinct_prefix_counts`), and
 where to cut (:func:`plan_segments`, from a cost of one run plus the positions it
-runs). The adapter runs the segments (``NNsightAdapter``, Hugging Face caches).
+runs). The runs themselves are :mod:`masalign.adapters.key_values` (Hugging Face caches,
+through nnsight or a TransformerLens bridge).
 """
 
 from __future__ import annotations
