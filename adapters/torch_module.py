@@ -34,6 +34,7 @@ module once per forward pass.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import types
@@ -322,7 +323,7 @@ class TorchModuleAdapter:
 # -- one forward pass with a site intervened -------------------------------------------
 
 
-class _SiteRun:
+class _SiteRun(abc.ABC):
     """One forward pass with ``replace`` applied at a site; :meth:`check_complete` afterwards."""
 
     def __init__(
@@ -337,6 +338,18 @@ class _SiteRun:
         self.seq_len = seq_len
         self.calls = 0  # of the site's module
 
+    @abc.abstractmethod
+    def forward(self, call: Callable[[], Any]) -> Any:
+        """``call()`` (one forward pass of the model) with the site intervened."""
+
+    @abc.abstractmethod
+    def check_complete(self) -> None:
+        """Raise if the forward pass did not reach every position."""
+
+
+class _HookedRun(_SiteRun):
+    """A site intervened by a forward hook on its module, for the duration of one forward pass."""
+
     def forward(self, call: Callable[[], Any]) -> Any:
         handle = self.module.register_forward_hook(self.hook)
         try:
@@ -344,15 +357,12 @@ class _SiteRun:
         finally:
             handle.remove()
 
+    @abc.abstractmethod
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        raise NotImplementedError
-
-    def check_complete(self) -> None:
-        """Raise if the forward pass did not reach every position."""
-        raise NotImplementedError
+        """The forward hook on the site's module: reads and replaces the positions' rows."""
 
 
-class _SequenceRun(_SiteRun):
+class _SequenceRun(_HookedRun):
     """A ``(batch, seq, width)`` module output, replaced out of place at the positions; one call."""
 
     def __init__(self, *args: Any) -> None:
@@ -370,7 +380,7 @@ class _SequenceRun(_SiteRun):
         self.rows.check_fired()
 
 
-class _StepRun(_SiteRun):
+class _StepRun(_HookedRun):
     """A module called once per time step: call ``t`` is position ``t``."""
 
     def hook(self, module: nn.Module, args: Any, output: Any) -> Any:

@@ -34,6 +34,7 @@ vocab)`` logits to a scalar tensor works too.
 
 from __future__ import annotations
 
+import abc
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ def _answer_tensor(tokens: int | Sequence[int] | Tensor, what: str) -> Tensor:
     return tensor.long()
 
 
-class _AnswerMetric:
+class _AnswerMetric(abc.ABC):
     """A metric of the logits at one position per example (``position``: an int, ``-1`` the last,
     or ``(batch,)``) and of answer token ids (one id, or one per example)."""
 
@@ -99,9 +100,9 @@ class _AnswerMetric:
     def __call__(self, logits: Tensor) -> Tensor:
         return self.of_rows(self.rows(logits))
 
+    @abc.abstractmethod
     def of_rows(self, rows: Tensor) -> Tensor:
         """The metric of the ``(batch, vocab)`` logits at its position."""
-        raise NotImplementedError  # each metric below
 
     def check_vocabulary(self, vocab_size: int) -> None:
         for role, tokens in self.token_ids().items():
