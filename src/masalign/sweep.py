@@ -24,6 +24,7 @@ from .objectives import Direction
 from .train import fit
 
 Setting = TypeVar("Setting")
+Key = TypeVar("Key", bound=Hashable)
 # A site for every model (one name), or one per model.
 Sites = str | Mapping[str, str]
 
@@ -60,13 +61,7 @@ def iia_by_subspace_dim(
     for k in sizes:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"every subspace size must be a positive integer; got {k!r} in {sizes}")
-    reports = _sweep(build, sizes, train, valid, test, fit_options, ceiling_data, directions, memo)
-    result: dict[int, IIAReport] = {}
-    for k, report in reports:
-        result[k] = report
-        if progress is not None:
-            progress(k, report)
-    return result
+    return _sweep(build, sizes, sizes, train, valid, test, fit_options, ceiling_data, directions, progress, memo)
 
 
 def iia_by_site(
@@ -110,27 +105,24 @@ def iia_by_site(
             raise ValueError(f"each entry of sites must be a site name or a non-empty mapping of model name to site name; got {setting!r}")
     if len(set(keys)) != len(keys):
         raise ValueError(f"sites lists a setting more than once: {[k for k in keys if keys.count(k) > 1][0]!r}")
-    result: dict[Hashable, IIAReport] = {}
-    for key, (setting, report) in zip(keys, _sweep(build, settings, train, valid, test, fit_options, ceiling_data, directions, memo)):
-        result[key] = report
-        if progress is not None:
-            progress(setting, report)
-    return result
+    return _sweep(build, settings, keys, train, valid, test, fit_options, ceiling_data, directions, progress, memo)
 
 
 def _sweep(
     build: Callable[[Setting], ModelAlignment],
     settings: list[Setting],
+    keys: Sequence[Key],
     train: CounterfactualData | Sequence[CounterfactualData],
     valid: CounterfactualData | Sequence[CounterfactualData],
     test: CounterfactualData,
     fit_options: Mapping[str, Any] | None,
     ceiling_data: LabelledSequences | Mapping[str, LabelledSequences] | None,
     directions: Sequence[Direction] | None,
+    progress: Callable[[Setting, IIAReport], None] | None,
     memo: ActivationMemo | None,
-):  # -> Iterator[tuple[Setting, IIAReport]]
-    """Fit and evaluate ``build(setting)`` for each setting, one memo shared by all (yielded as
-    each is done, so a caller's progress sees them one by one)."""
+) -> dict[Key, IIAReport]:
+    """Fit and evaluate ``build(setting)`` for each setting, one memo shared by all; the reports
+    under ``keys`` (one per setting), ``progress(setting, report)`` after each."""
     options = dict(fit_options or {})
     for name in ("directions", "memo"):
         if name in options:
@@ -138,7 +130,8 @@ def _sweep(
     own_memo = memo is None
     memo = ActivationMemo() if memo is None else memo
     models_before: list[int] | None = None
-    for setting in settings:
+    reports: dict[Key, IIAReport] = {}
+    for setting, key in zip(settings, keys, strict=True):
         alignment = build(setting)
         models_now = sorted(id(adapter) for adapter in alignment.models.values())
         if own_memo and models_before is not None and models_now != models_before:
@@ -148,4 +141,7 @@ def _sweep(
         report = evaluate(alignment, test, ceiling_data=ceiling_data, directions=directions, memo=memo)
         report.extra["fit"] = result.summary()
         report.extra["sites"] = dict(alignment.sites)
-        yield setting, report
+        reports[key] = report
+        if progress is not None:
+            progress(setting, report)
+    return reports
