@@ -11,3 +11,8 @@ torch_spec="${MASALIGN_TORCH:-torch==2.13.0}"
 # shellcheck disable=SC2086  # the torch spec may carry pip options on purpose
 "$venv/bin/python" -m pip install -q --disable-pip-version-check $torch_spec
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+# HookedTransformer (TransformerLens 2.x/3.x) for tests/test_transformer_lens_3.py, beside the 4.x
+# that masalign installs: TransformerLens 3.9 without its dependencies (4.x has the same ones),
+# in a folder that only that test's child process puts on its path.
+tl3="$venv/transformer-lens-3"
+[ -d "$tl3/transformer_lens" ] || "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --target "$tl3" transformer-lens==3.9.0 better-abc==0.0.3
