@@ -32,12 +32,15 @@ over a Hugging Face model they can also skip the positions before the first chan
 one, over the later blocks' cached keys and values, and read shared prompt beginnings
 once (``supports_key_values``; :mod:`masalign.adapters.key_values`): those runs call
 the bridge's ``original_model``, whose layers and ``lm_head`` are the bridge's blocks
-and unembedding, so every hook point in them still fires.
+and unembedding, so every hook point in them still fires. A ``HookedTransformer``
+(TransformerLens 2.x/3.x) runs from cached keys and values through its own forward
+(``start_at_layer`` and ``past_kv_cache``; :class:`_HookedTransformerKeyValues`).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -62,7 +65,7 @@ from .base import (
     unknown_site_error,
 )
 from .key_values import KeyValueRuns, left_padding_position_ids
-from .resume import BlockSite, KeyValuePrefix, Resumer, check_prefix
+from .resume import BlockSite, KeyValuePrefix, Resumer, check_prefix, left_padded_unembedding
 
 # The output of block i, where a run can resume (the bridge's canonical name, then HookedTransformer's).
 _BLOCK_OUTPUT = re.compile(r"^blocks\.(?P<index>\d+)\.(?:hook_out|hook_resid_post)$")
@@ -258,22 +261,37 @@ class TransformerLensAdapter:
         tokens, kwargs = _split_inputs(inputs)
         check_prefix(prefix, tuple(tokens.shape), self._site(site).width, site)
         if isinstance(prefix, KeyValuePrefix):
-            return self._hf_key_values().run_from(inputs, site, block_site, prefix, positions, replace)
+            return self._key_value_runs().run_from(inputs, site, block_site, prefix, positions, replace)
         replacement = RowReplacementHook(positions, replace, site, self._model, self.name)
         with explaining_inference_weights(self._model, self.name):
             return self._resumer.resume(
                 block_site, site, prefix, replacement, lambda: self._logits_fn(self._model(tokens, **kwargs))
             )
 
-    # -- and the keys and values before the first changed position (TransformerBridge) ----
+    # -- and the keys and values before the first changed position ---------------------
 
     def supports_key_values(self, site: str) -> bool:
         """Whether runs resumed at ``site`` can also skip the positions before the first changed one:
         a block output of a ``TransformerBridge`` whose ``original_model`` is a Hugging Face model
-        that takes a key/value cache and runs the bridge's blocks (``HookedTransformer`` has no such
-        model: its runs resume from the block's states alone), unless the adapter was given its own
-        ``logits_fn`` (which reads the bridge's output, not the Hugging Face model's)."""
-        return self.supports_prefix(site) and self._key_values is not None and self._key_values.supported()
+        that takes a key/value cache and runs the bridge's blocks, or of a ``HookedTransformer``
+        (its forward takes ``start_at_layer`` and ``past_kv_cache``), unless the adapter was given
+        its own ``logits_fn`` (which reads the model's output, not these runs')."""
+        if not self.supports_prefix(site):
+            return False
+        return self._hooked_key_values is not None or (self._key_values is not None and self._key_values.supported())
+
+    @functools.cached_property
+    def _hooked_key_values(self) -> _HookedTransformerKeyValues | None:
+        """The cached-key/value runs of a ``HookedTransformer``, through its own forward."""
+        if self._own_logits_fn or not isinstance(getattr(self._model, "blocks", None), nn.ModuleList):
+            return None
+        try:
+            parameters = inspect.signature(self._model.forward).parameters
+        except (TypeError, ValueError):
+            return None
+        if not {"start_at_layer", "past_kv_cache", "attention_mask"} <= set(parameters) or self.output_module() is None:
+            return None
+        return _HookedTransformerKeyValues(self._model, self.name, self.output_module())
 
     @functools.cached_property
     def _key_values(self) -> KeyValueRuns | None:
@@ -301,16 +319,18 @@ class TransformerLensAdapter:
             self.prefix,
         )
 
-    def _hf_key_values(self) -> KeyValueRuns:
+    def _key_value_runs(self) -> KeyValueRuns | _HookedTransformerKeyValues:
+        if self._hooked_key_values is not None:
+            return self._hooked_key_values
         if self._key_values is None:
             why = (
-                "this adapter was given its own logits_fn, which reads the bridge's output"
+                "this adapter was given its own logits_fn, which reads the model's output"
                 if self._own_logits_fn
                 else f"this is a {type(self._model).__name__}"
             )
             raise SiteError(
-                f"{self.name}: runs from cached keys and values need a TransformerBridge over a Hugging Face "
-                f"model and the adapter's default logits; {why} (see supports_key_values)"
+                f"{self.name}: runs from cached keys and values need a HookedTransformer or a TransformerBridge "
+                f"over a Hugging Face model, and the adapter's default logits; {why} (see supports_key_values)"
             )
         return self._key_values
 
@@ -318,10 +338,15 @@ class TransformerLensAdapter:
         """:meth:`prefix`'s states, and the keys and values of the blocks after ``site`` at positions
         ``0..start-1``, without gradient (see :meth:`supports_key_values`). Rows whose prompts
         begin alike run those positions once (:mod:`masalign.adapters.shared_prefix`), cut where
-        that saves most or at ``cuts`` (``0 < c_1 < ... < seq``; ``[0, seq]`` for one run)."""
+        that saves most or at ``cuts`` (``0 < c_1 < ... < seq``; ``[0, seq]`` for one run) on a
+        bridge. A ``HookedTransformer`` runs each row whole, once: ``cuts``, which only say how
+        to split the same computation, change nothing there."""
         block_site = self._resumable(site)
         self.check_inputs(inputs)
-        return self._hf_key_values().prefix(inputs, site, block_site, start, cuts)
+        runs = self._key_value_runs()
+        if isinstance(runs, _HookedTransformerKeyValues):
+            return runs.prefix(inputs, self._site(site).hook_name, block_site, start)
+        return runs.prefix(inputs, site, block_site, start, cuts)
 
     def key_value_activations(self, inputs: ModelInputs, site: str, positions: Tensor, cuts: Sequence[int] | None = None) -> Tensor:
         """:meth:`activations` at a block output (:meth:`supports_key_values`): the positions before
@@ -331,9 +356,10 @@ class TransformerLensAdapter:
         block_site = self._resumable(site)
         positions = self.check_inputs(inputs, positions)
         read = positions[positions >= 0]
-        if not read.numel() or int(read.min()) == 0:
-            return self.activations(inputs, site, positions)
-        return self._hf_key_values().activations(inputs, site, block_site, positions, cuts)
+        runs = self._key_value_runs()
+        if not read.numel() or int(read.min()) == 0 or isinstance(runs, _HookedTransformerKeyValues):
+            return self.activations(inputs, site, positions)  # a HookedTransformer: its plain read
+        return runs.activations(inputs, site, block_site, positions, cuts)
 
     def _hf_call_arguments(self, inputs: ModelInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The Hugging Face forward's arguments for ``inputs``: token ids, the attention mask, and
@@ -485,6 +511,136 @@ class TransformerLensAdapter:
                 ) from error
         self._probes[flags] = records
         return records
+
+
+# -- a HookedTransformer's runs from cached keys and values -----------------------------
+
+
+class _HookedTransformerKeyValues:
+    """Runs of a ``HookedTransformer`` (TransformerLens 2.x/3.x) over cached keys and values.
+
+    Its forward takes them as ``past_kv_cache``: per block an entry with ``past_keys``
+    ``(batch, pos, kv_heads, d_head)`` (before rotary embeddings, which each run applies
+    from the attention mask) and ``append(keys, values)``, which returns the keys and
+    values to attend to. :class:`_CacheEntry` is such an entry, so no TransformerLens
+    class (renamed between 2.x and 3.x) is needed. :meth:`prefix` reads one row's states
+    at the site and the later blocks' keys and values in one run, which stops once the
+    last block has stored its own; :meth:`run_from` runs the blocks after the site on
+    positions ``start..`` only, with ``start_at_layer``.
+    """
+
+    def __init__(self, model: nn.Module, name: str, unembed: nn.Module) -> None:
+        self.model, self.name, self.unembed = model, name, unembed
+
+    def prefix(self, inputs: ModelInputs, hook_name: str, block_site: BlockSite, start: int) -> KeyValuePrefix:
+        tokens, mask = self._tokens_and_mask(inputs)
+        if not 0 < start < tokens.shape[1]:
+            raise ValueError(f"{self.name}: keys and values before position {start} of {tokens.shape[1]}: start must lie in 1..{tokens.shape[1] - 1}")
+        cfg = self.model.cfg
+        heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        blocks = block_site.stack
+        entries = _KeyValueCache(
+            _CacheEntry(*(torch.empty(tokens.shape[0], 0, heads, cfg.d_head, dtype=_dtype_of(block), device=_device_of(block)),) * 2, record=True)
+            for block in blocks
+        )
+        site_is_last = block_site.index == len(blocks) - 1
+        # The run stops once it has what it reads: the last block's keys and values (its
+        # attention and MLP are not needed), or the site's states when no block follows it.
+        entries[-1].stop_after_append = not site_is_last
+        states: list[Tensor] = []
+
+        def read(activation: Tensor, hook: Any = None) -> None:
+            states.append(activation)
+            if site_is_last:
+                raise StopForward
+
+        with torch.no_grad(), explaining_inference_weights(self.model, self.name):
+            try:
+                self.model.run_with_hooks(
+                    tokens,
+                    fwd_hooks=[(hook_name, read)],
+                    attention_mask=torch.ones_like(tokens) if mask is None else mask,
+                    past_kv_cache=entries,
+                )
+            except StopForward:
+                pass
+        if len(states) != 1 or entries[-1].past_keys.shape[1] != tokens.shape[1]:
+            raise SiteError(f"{self.name}: the run that reads keys and values did not reach every block once")
+        later = entries[block_site.index + 1 :]
+        return KeyValuePrefix(
+            states=states[0],
+            keys=tuple(entry.past_keys[:, :start].transpose(1, 2) for entry in later),
+            values=tuple(entry.past_values[:, :start].transpose(1, 2) for entry in later),
+            start=start,
+            first_block=block_site.index + 1,
+            n_blocks=len(blocks),
+        )
+
+    def run_from(
+        self, inputs: ModelInputs, site: str, block_site: BlockSite, prefix: KeyValuePrefix, positions: Tensor, replace: Replacement
+    ) -> Tensor:
+        """The logits of the run with the replacement, over positions ``prefix.start..`` only
+        (laid out as a full run's; those before ``prefix.start`` are the unembedding of zeros)."""
+        written = positions[positions >= 0]
+        if written.numel() and int(written.min()) < prefix.start:
+            raise ValueError(
+                f"{self.name}: this prefix holds keys and values up to position {prefix.start}, but the interchange "
+                f"writes position {int(written.min())}; build it with a start at or before the first written position"
+            )
+        _, mask = self._tokens_and_mask(inputs)
+        replacement = RowReplacementHook(positions, replace, site, self.model, self.name)
+        states = replacement(prefix.states)[:, prefix.start :]
+        # Blocks before first_block do not run (start_at_layer) and never read their entries.
+        entries = _KeyValueCache([None] * prefix.first_block)
+        entries.extend(_CacheEntry(keys.transpose(1, 2), values.transpose(1, 2)) for keys, values in zip(prefix.keys, prefix.values))
+        with explaining_inference_weights(self.model, self.name), left_padded_unembedding(self.unembed, prefix.start):
+            logits = self.model(states, start_at_layer=prefix.first_block, past_kv_cache=entries, attention_mask=mask)
+        replacement.check_gradient_reached(logits)
+        return logits
+
+    def _tokens_and_mask(self, inputs: ModelInputs) -> tuple[Tensor, Tensor | None]:
+        tokens, kwargs = _split_inputs(inputs)
+        extra = sorted(set(kwargs) - {"attention_mask"})
+        if extra:
+            raise ValueError(f"{self.name}: runs from cached keys and values take token ids and an attention_mask only; got {extra}")
+        return tokens, kwargs.get("attention_mask")
+
+
+class _CacheEntry:
+    """One block's keys and values in the form a ``HookedTransformer`` attention reads.
+
+    ``append`` returns the cached keys and values followed by the new ones; it stores
+    them only when ``record`` is set, and then raises :class:`StopForward` when
+    ``stop_after_append`` is set.
+    """
+
+    def __init__(self, past_keys: Tensor, past_values: Tensor, record: bool = False) -> None:
+        self.past_keys, self.past_values, self.record = past_keys, past_values, record
+        self.stop_after_append = False
+
+    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        keys = torch.cat([self.past_keys.to(keys.dtype), keys], dim=1)
+        values = torch.cat([self.past_values.to(values.dtype), values], dim=1)
+        if self.record:
+            self.past_keys, self.past_values = keys, values
+            if self.stop_after_append:
+                raise StopForward
+        return keys, values
+
+
+class _KeyValueCache(list):
+    """The per-block entries, with the one method a ``HookedTransformer``'s embedding step calls."""
+
+    def append_attention_mask(self, attention_mask: Tensor) -> Tensor:
+        return attention_mask  # nothing cached before: the mask is the run's own
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.get_default_dtype())
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -9,9 +9,13 @@ TransformerLens 3.9 (``tests/test_transformer_lens_3.py`` starts it, with the co
 Two tiny models built from a ``HookedTransformerConfig`` (nothing downloaded): a
 GPT-2-like one (learned positions, LayerNorm) and a Llama-like one (rotary, RMSNorm,
 gated MLP, grouped keys and values). Batches are left-padded with an attention mask.
+Runs resume at block outputs from the states there and, skipping the positions before
+the first written one, from the later blocks' cached keys and values.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -164,6 +168,53 @@ def test_runs_resumed_at_a_block_output_equal_full_runs_with_gradients(adapter):
     assert not adapter.supports_prefix("blocks.1.hook_resid_pre")
 
 
+@pytest.mark.parametrize("masked", [True, False])
+def test_runs_from_cached_keys_and_values_equal_full_runs_with_gradients(adapter, masked):
+    inputs = _padded() if masked else {"input": _padded()["input"][:, 5:]}
+    seq = inputs["input"].shape[1]
+    positions = torch.tensor([[seq - 1, seq - 2]] * 3)
+    direction = torch.linspace(-1, 1, 32)
+    for layer in range(3):
+        site = f"blocks.{layer}.hook_resid_post"
+        assert adapter.supports_key_values(site)
+        for start in (1, seq - 2):
+            runs = []
+            for from_key_values in (False, True):
+                scale = torch.tensor(0.7, requires_grad=True)
+
+                def replace(hidden, example_index, slot_index):
+                    return hidden + scale * direction * (1 + slot_index[:, None])
+
+                if from_key_values:
+                    prefix = adapter.key_value_prefix(inputs, site, start)
+                    assert prefix.first_block == layer + 1 and len(prefix.keys) == 2 - layer
+                    assert all(keys.shape[2] == start for keys in prefix.keys)
+                    logits = adapter.run_from_prefix(inputs, site, prefix, positions, replace)
+                else:
+                    logits = adapter.run_with_replacement(inputs, site, positions, replace)
+                logits[:, start:].logsumexp(-1).sum().backward()
+                runs.append((logits[:, start:].detach(), scale.grad))
+            (full, full_grad), (cached, cached_grad) = runs
+            real = inputs["attention_mask"][:, start:].bool() if masked else torch.ones(full.shape[:2], dtype=torch.bool)
+            assert (full - cached)[real].abs().max() < TOLERANCE, (site, start)
+            assert (full_grad - cached_grad).abs() < TOLERANCE * max(1.0, float(full_grad.abs())), (site, start)
+
+
+def test_a_key_value_prefix_refuses_writes_before_its_start(adapter):
+    inputs = _padded()
+    prefix = adapter.key_value_prefix(inputs, "blocks.0.hook_resid_post", 9)
+    with pytest.raises(ValueError, match="up to position 9"):
+        adapter.run_from_prefix(inputs, "blocks.0.hook_resid_post", prefix, POSITIONS, lambda h, e, s: h)
+
+
+def test_an_adapter_with_its_own_logits_fn_runs_from_states_only(model):
+    adapter = TransformerLensAdapter(model, logits_fn=lambda output: output)
+    assert adapter.supports_prefix("blocks.0.hook_resid_post")
+    assert not adapter.supports_key_values("blocks.0.hook_resid_post")
+    with pytest.raises(SiteError, match="logits_fn"):
+        adapter.key_value_prefix(_padded(), "blocks.0.hook_resid_post", 3)
+
+
 def test_no_hook_is_left_after_an_error(adapter, model):
     def fail(hidden, example_index, slot_index):
         raise RuntimeError("replace failed")
@@ -191,11 +242,18 @@ def _pairs(n: int, seed: int) -> CounterfactualPairs:
 def test_mas_between_two_hooked_transformers_fits_alike_with_and_without_cached_prefixes():
     models = {"gpt2": TransformerLensAdapter(_model("gpt2"), name="gpt2"), "llama": TransformerLensAdapter(_model("llama"), name="llama")}
     train, valid, test = _pairs(16, 0), _pairs(8, 1), _pairs(8, 2)
+    key_value_reads = []
+    for adapter in models.values():
+        read = adapter.key_value_prefix
+        adapter.key_value_prefix = lambda *args, read=read, **kwargs: key_value_reads.append(1) or read(*args, **kwargs)
     fitted = []
     for prefix_cache in (False, True):
         alignment = ModelAlignment(models, "blocks.1.hook_resid_post", subspace_dim=4, seed=0)
-        result = fit(alignment, train, valid, steps=4, batch_size=4, eval_every=2, progress=False, prefix_cache=prefix_cache)
-        report = evaluate(alignment, test)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback from the cached keys and values
+            result = fit(alignment, train, valid, steps=4, batch_size=4, eval_every=2, progress=False, prefix_cache=prefix_cache)
+            report = evaluate(alignment, test, prefix_cache=prefix_cache)
+        assert bool(key_value_reads) == prefix_cache  # the steps ran positions 8.. only
         fitted.append(([entry["valid_loss"] for entry in result.history], report.iia))
     (losses, iia), (cached_losses, cached_iia) = fitted
     assert losses == pytest.approx(cached_losses, abs=1e-5)
@@ -209,5 +267,7 @@ def test_patching_from_cached_runs_equals_whole_runs(adapter):
     sites = ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post", "blocks.1.attn.hook_z"]
     positions = list(range(5, SEQ))  # real tokens in every row
     whole = activation_patching(adapter, clean, corrupted, sites, metric, positions, prefix_cache=False)
-    cached = activation_patching(adapter, clean, corrupted, sites, metric, positions, prefix_cache=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither the keys and values nor the states fall back
+        cached = activation_patching(adapter, clean, corrupted, sites, metric, positions, prefix_cache=True)
     assert (whole.values - cached.values).abs().max() < TOLERANCE

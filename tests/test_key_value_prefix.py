@@ -396,5 +396,5 @@ def test_a_bridge_with_its_own_logits_fn_resumes_from_states_alone(tmp_path_fact
         warnings.simplefilter("error")
         cache = prefix_row_cache(adapter, site, data.base_inputs, data.base_positions, adapter.sites()[site], start=START)
     assert cache is not None and not isinstance(cache[torch.arange(2)], KeyValuePrefix)
-    with pytest.raises(SiteError, match="own logits_fn, which reads the bridge.s output"):
+    with pytest.raises(SiteError, match="own logits_fn, which reads the model.s output"):
         adapter.key_value_prefix(data.base_inputs, site, START)

@@ -15,7 +15,8 @@ Beyond ``max_bytes`` the prefix is not cached, with a warning.
 
 Positions before the first one a dataset writes or labels (:func:`suffix_start`)
 are the same in every step, at every layer. Where the adapter can
-(``supports_key_values``: a Hugging Face model through nnsight or a TransformerLens bridge), the
+(``supports_key_values``: a Hugging Face model through nnsight or a TransformerLens bridge, or a
+``HookedTransformer``), the
 prefix also keeps the later blocks' keys and values there
 (:class:`masalign.adapters.resume.KeyValuePrefix`), and each step runs only the
 positions from that one on: for an interchange at the last token, one position
