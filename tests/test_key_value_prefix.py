@@ -191,6 +191,23 @@ def test_keys_and_values_that_do_not_reproduce_the_full_run_fall_back(adapter: N
     assert isinstance(cache.full(), Tensor)  # the plain prefix: every position runs
 
 
+def test_the_check_compares_real_tokens_only_so_padding_past_the_start_keeps_the_keys_and_values(
+    adapter: NNsightAdapter | TransformerLensAdapter,
+) -> None:
+    # Rows 1 and 2 of the padded inputs (2 and 5 padding tokens) from start 3: row 2's positions 3-4
+    # are padding, whose states a bridge's run from the cache gives otherwise (no query reads them).
+    site = _site(adapter, 1)
+    inputs = {key: value[1:] for key, value in _padded_inputs(_token_key(adapter)).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cache = prefix_row_cache(adapter, site, inputs, torch.tensor([[4], [6]]), adapter.sites()[site], start=3)
+    assert isinstance(cache[torch.arange(2)], KeyValuePrefix)
+
+
+def _token_key(adapter: NNsightAdapter | TransformerLensAdapter) -> str:
+    return "input" if isinstance(adapter, TransformerLensAdapter) else "input_ids"
+
+
 def test_a_row_cache_computes_each_row_once_and_returns_rows_in_order() -> None:
     asked: list[list[int]] = []
 

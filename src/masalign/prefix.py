@@ -165,8 +165,10 @@ def _check_key_values_exact(
     adapter: Any, inputs: ModelInputs, site: str, positions: Tensor, start: int, tolerance: float = 1e-4
 ) -> KeyValuePrefix:
     """Raise :class:`SiteError` unless the run from cached keys and values gives the full run's logits
-    at every position from ``start`` on, with an interchange that changes the written rows; returns the
-    prefix of ``inputs`` (to size the cache from)."""
+    at every real token (attention mask 1) from ``start`` on, with an interchange that changes the
+    written rows; returns the prefix of ``inputs`` (to size the cache from). Padding's logits are
+    left out: nothing reads them, and a bridge's padding queries, which attend to nothing, give
+    states that depend on the run's length."""
 
     def shifted(hidden: Tensor, example_index: Tensor, slot_index: Tensor) -> Tensor:
         return hidden + 1.0  # a change that must reach the later positions, as an interchange's does
@@ -177,7 +179,15 @@ def _check_key_values_exact(
         resumed = adapter.run_from_prefix(inputs, site, prefix, positions, shifted)[:, start:].detach()
     except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as error:
         raise SiteError(f"running positions {start}.. from cached keys and values failed ({type(error).__name__}: {error})") from error
-    difference = float((full.float() - resumed.float()).abs().max()) if full.shape == resumed.shape else float("inf")
+    if full.shape != resumed.shape:
+        raise SiteError(f"running positions {start}.. from cached keys and values gives logits of shape {tuple(resumed.shape)}, not {tuple(full.shape)}")
+    mask = tokens_and_mask(inputs)[1]
+    if mask is not None and mask.dim() == 2 and mask.shape[1] == start + full.shape[1]:
+        real = mask[:, start:].to(full.device).bool()
+        full, resumed = full[real], resumed[real]
+    if not full.numel():
+        return prefix  # only padding from start on: nothing to compare, and nothing reads it
+    difference = float((full.float() - resumed.float()).abs().max())
     scale = max(1.0, float(full.float().abs().max()))
     if not difference <= tolerance * scale:
         raise SiteError(
