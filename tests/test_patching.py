@@ -182,7 +182,47 @@ def test_bad_inputs_are_explained(bridge) -> None:
         ablation(adapter, clean, "blocks.0.hook_resid_pre", metric, kind="median")
     with pytest.raises(TypeError, match="token ids"):
         LogitDifference(3.0, 2)
+    right_padded = mask.clone()
+    right_padded[1, 4:] = 0
+    for run in (
+        lambda: activation_patching(adapter, {"input": clean, "attention_mask": right_padded},
+                                    {"input": corrupted, "attention_mask": right_padded}, "blocks.0.hook_resid_pre", metric, positions=[0, 1]),
+        lambda: ablation(adapter, {"input": clean, "attention_mask": right_padded}, "blocks.0.hook_resid_pre", metric, positions=[0, 1]),
+    ):
+        with pytest.raises(IndexError, match=r"reads position 5 of example 1, which is padding.*last token is at 3.*attention_mask.sum\(1\) - 1"):
+            run()
+    per_row = LogitDifference(3, 7, position=right_padded.sum(1) - 1)
+    assert ablation(adapter, {"input": clean, "attention_mask": right_padded}, "blocks.0.hook_resid_pre", per_row, positions=[0, 1]).raw.isfinite().all()
+    with pytest.raises(ValueError, match="one example needs a reference"):
+        ablation(adapter, clean[:1], "blocks.0.hook_resid_pre", metric, kind="resample")
     assert isinstance(activation_patching(adapter, clean, corrupted, "blocks.0.hook_resid_pre", metric, positions=[0]), PatchingResult)
+
+
+def test_resample_ablation_within_the_inputs_takes_another_examples_activation(bridge) -> None:
+    adapter = TransformerLensAdapter(bridge)
+    inputs, site = _tokens(0), "blocks.0.hook_resid_post"
+    metric = LogitDifference(3, 7)
+    taken = []
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(inputs)
+    own = cache[site][:, 2]
+    for seed in range(5):
+        original = adapter.run_with_replacement
+
+        def spy(inputs_, site_, positions, replace, original=original):
+            rows = replace(own, torch.arange(BATCH), torch.zeros(BATCH, dtype=torch.long))
+            taken.append(rows)
+            return original(inputs_, site_, positions, replace)
+
+        adapter.run_with_replacement = spy
+        try:
+            ablation(adapter, inputs, site, metric, kind="resample", positions=[2], seed=seed, prefix_cache=False)
+        finally:
+            del adapter.run_with_replacement
+    for rows in taken:
+        same = (rows[:, None] - own[None]).abs().amax(-1) < 1e-6  # (example, donor) pairs with equal rows
+        assert not bool(same.diagonal().any())  # no example keeps its own activation
+        assert bool(same.any(1).all())  # each took some example's
 
 
 def test_a_recurrent_site_from_the_demo_model_zoo() -> None:

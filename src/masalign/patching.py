@@ -281,6 +281,7 @@ def activation_patching(
     sites = _check_sites(adapter, sites)
     batch, seq = _check_same_layout(clean, corrupted)
     positions = _check_grid_positions(positions, seq, clean, position_labels)
+    _check_metric_reads_real_tokens(metric, clean)
     clean, corrupted = inputs_to(clean, adapter.device), inputs_to(corrupted, adapter.device)  # once, not per cell
     with probing(adapter.model):
         clean_value, corrupted_value = (_metric_of(adapter, metric, inputs) for inputs in (clean, corrupted))
@@ -315,8 +316,9 @@ def ablation(
     """Replace each site's activation at each position and measure ``metric`` on ``inputs``.
 
     ``kind``: ``"mean"`` (the mean over ``reference``'s examples at that position),
-    ``"resample"`` (each example takes a random other ``reference`` example's
-    activation there; one permutation per call, from ``seed``) or ``"zero"``.
+    ``"resample"`` (each example takes the activation there of a ``reference`` example
+    drawn at random, with replacement, once per call from ``seed``; when ``reference``
+    is ``inputs``, never its own) or ``"zero"``.
     ``reference`` defaults to ``inputs`` and must have the same sequence length.
     With ``corrupted`` inputs the values are normalised (0 = corrupted, 1 =
     unablated); without, they are the raw metric. ``prefix_cache``: as in
@@ -325,6 +327,7 @@ def ablation(
     if kind not in ("mean", "resample", "zero"):
         raise ValueError(f"kind must be 'mean', 'resample' or 'zero', got {kind!r}")
     sites = _check_sites(adapter, sites)
+    donors_from_inputs = reference is None or reference is inputs
     reference = inputs if reference is None else reference
     batch, seq = _layout(inputs)
     reference_batch, reference_seq = _layout(reference)
@@ -333,9 +336,12 @@ def ablation(
             f"the reference inputs have sequence length {reference_seq} but the inputs {seq}: ablation takes the "
             "activation at the same position, so pad or cut them to one length"
         )
+    if kind == "resample" and donors_from_inputs and batch < 2:
+        raise ValueError("resample ablation of one example needs a reference=... batch: it takes another example's activation")
     if corrupted is not None:
         _check_same_layout(inputs, corrupted)
     positions = _check_grid_positions(positions, seq, inputs, position_labels)
+    _check_metric_reads_real_tokens(metric, inputs)
     inputs, reference = inputs_to(inputs, adapter.device), inputs_to(reference, adapter.device)  # once, not per cell
     corrupted = None if corrupted is None else inputs_to(corrupted, adapter.device)
     with probing(adapter.model):
@@ -345,7 +351,10 @@ def ablation(
         grid = torch.tensor(positions)
         if kind == "resample":
             generator = torch.Generator().manual_seed(seed)
-            donors = torch.randint(0, reference_batch, (batch,), generator=generator)
+            if donors_from_inputs:  # an offset of 1..batch-1: every example ablated by another's activation
+                donors = (torch.arange(batch) + torch.randint(1, batch, (batch,), generator=generator)) % batch
+            else:
+                donors = torch.randint(0, reference_batch, (batch,), generator=generator)
         raw = torch.empty(len(sites), len(positions))
         for i, site in enumerate(sites):
             if kind == "zero":
@@ -540,6 +549,25 @@ def _layout(inputs: ModelInputs) -> tuple[int, int]:
 
 def _attention_mask(inputs: ModelInputs) -> Tensor | None:
     return tokens_and_mask(inputs)[1]
+
+
+def _check_metric_reads_real_tokens(metric: Metric, inputs: ModelInputs) -> None:
+    """Refuse a metric of this module whose position is padding in some example (attention mask 0),
+    such as the default last position of a right-padded row: its logits there mean nothing."""
+    mask = _attention_mask(inputs)
+    if not isinstance(metric, _AnswerMetric) or mask is None or mask.dim() != 2:
+        return
+    read = metric.read_positions(*mask.shape)
+    on_padding = ~mask.cpu().bool()[torch.arange(mask.shape[0]), read]
+    if bool(on_padding.any()):
+        row = int(on_padding.nonzero()[0])
+        real = mask[row].cpu().bool().nonzero().flatten()
+        last = int(real[-1]) if real.numel() else None
+        raise IndexError(
+            f"the metric reads position {int(read[row])} of example {row}, which is padding (attention_mask 0); "
+            f"that example's last token is at {last}: give the metric one position per example, e.g. "
+            "position=attention_mask.sum(1) - 1 for right padding"
+        )
 
 
 def _check_same_layout(clean: ModelInputs, corrupted: ModelInputs) -> tuple[int, int]:
