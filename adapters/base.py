@@ -346,7 +346,7 @@ def gather_rows(activation: Tensor, positions: Tensor, site: str) -> Tensor:
     """
     example_index, slot_index, flat_positions = row_index(activation, positions, site)
     rows = activation[example_index, flat_positions]
-    rows = rows.reshape(rows.shape[0], -1)
+    rows = rows.reshape(rows.shape[0], math.prod(activation.shape[2:]))  # not -1: there may be no rows
     if rows.shape[0] == positions.numel():
         return rows.reshape(positions.shape[0], positions.shape[1], -1)
     out = rows.new_zeros((positions.shape[0], positions.shape[1], rows.shape[1]))

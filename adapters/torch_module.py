@@ -163,7 +163,7 @@ class TorchModuleAdapter:
             rows.append((hidden, example_index, slot_index))
             return hidden
 
-        if batch * n_slots == 0:
+        if batch * n_slots == 0 or bool((positions == EMPTY_SLOT).all()):  # nothing to read: empty slots are zeros
             return torch.zeros((batch, n_slots, spec.width), device=self.device)
         run = self._site_run(spec, inputs, positions, record, stop_when_done=True)
         try:

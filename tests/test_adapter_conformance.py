@@ -49,6 +49,22 @@ def test_writing_back_the_activation_leaves_the_logits_unchanged(case):
     assert_close(written_back, plain)
 
 
+def test_empty_slots_read_as_zeros_and_are_left_alone(case):
+    positions = POSITIONS.clone()
+    positions[0, 1] = positions[2, 0] = -1  # EMPTY_SLOT
+    width = case.adapter.sites()[case.site]
+    with torch.no_grad():
+        hidden = case.adapter.activations(TOKENS, case.site, positions)
+        full = case.adapter.activations(TOKENS, case.site, POSITIONS)
+        nothing = case.adapter.activations(TOKENS, case.site, torch.full_like(POSITIONS, -1))
+        assert (hidden[0, 1] == 0).all() and (hidden[2, 0] == 0).all()
+        filled = torch.ones(3, 2, dtype=torch.bool)
+        filled[0, 1] = filled[2, 0] = False
+        assert_close(hidden[filled], full[filled])
+        assert nothing.shape == (3, 2, width) and (nothing == 0).all()
+        assert_close(case.adapter.run_with_replacement(TOKENS, case.site, torch.full_like(POSITIONS, -1), identity), case.adapter.logits(TOKENS))
+
+
 def test_activations_are_the_rows_that_replace_receives(case):
     received = {}
 
