@@ -335,3 +335,36 @@ def test_saves_from_when_qr_was_the_default_load_with_qr(kind, options, tmp_path
         assert any(key.endswith("raw_columns") for key in loaded_state)
         assert saved_state.keys() == loaded_state.keys() and all(torch.equal(saved_state[k], loaded_state[k]) for k in saved_state)
     assert OrthogonalAlignment(16, 4).parametrization == "householder"  # new maps use the new default
+
+
+def test_empty_slots_are_not_mapped_so_a_sigmoid_map_without_slack_takes_stepwise_pairs() -> None:
+    # Stepwise pairs leave slots empty; their zero activations lie outside a sigmoid's (0, 1)
+    # and must not reach its preimage (eps=0 refuses any value outside the range).
+    from torch import Tensor, nn
+
+    from masalign.evaluate import interchange_scores
+    from masalign.tasks import get_task
+
+    class SigmoidSite(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embedding, self.proj, self.act = nn.Embedding(8, 16), nn.Linear(16, 16), nn.Sigmoid()
+            self.rnn, self.readout = nn.GRU(16, 16, batch_first=True), nn.Linear(16, 8)
+
+        def forward(self, tokens: Tensor) -> Tensor:
+            return self.readout(self.rnn(self.act(self.proj(self.embedding(tokens))))[0])
+
+    task = get_task("multi_object")
+    stepwise = task.counterfactual_pairs(32, seed=1, protocol="stepwise")
+    assert bool((stepwise.base_positions == -1).any())
+    models = {"A": TorchModuleAdapter(SigmoidSite().eval(), name="A")}
+    alignment = ModelAlignment(models, "act", 4, alignment="elementwise_inverse", alignment_options={"nonlinearity": "sigmoid", "eps": 0.0})
+    scores = interchange_scores(alignment, stepwise)[("A", "A")]
+    assert math.isfinite(scores.loss)
+    # Unchanged where every slot is filled: the filled slots' coordinates are those of all slots.
+    hidden = torch.rand(3, 2, 16) * 0.8 + 0.1
+    block = alignment.block(None)
+    full = alignment.alignments["A"].coordinates(hidden, block)
+    some_empty = ModelAlignment._source_coordinates(alignment.alignments["A"], hidden, torch.tensor([[1, 2], [3, -1], [4, 5]]), block)
+    assert torch.equal(some_empty[[0, 1, 2, 2], [0, 0, 0, 1]], full[[0, 1, 2, 2], [0, 0, 0, 1]]) and (some_empty[1, 1] == 0).all()

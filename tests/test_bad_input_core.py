@@ -345,3 +345,73 @@ def test_a_model_partly_on_the_meta_device_is_refused_with_what_to_do() -> None:
     model.readout.to("meta")
     with pytest.raises(ValueError, match=r"model 'A' has parameters on the meta device.*load its weights first"):
         ModelAlignment({"A": TorchModuleAdapter(model, name="A")}, "rnn.h_l0", 2)
+
+
+# -- per-model views, labels, and what evaluation leaves on the models ---------------------------
+
+
+def _with_positions(pairs: CounterfactualPairs, base_positions, source_positions) -> CounterfactualPairs:
+    return CounterfactualPairs(pairs.base_inputs, pairs.source_inputs, base_positions, source_positions, pairs.labels)
+
+
+def test_per_model_views_must_use_the_same_slots(models, pairs) -> None:
+    two = torch.stack([pairs.base_positions[:, 0], pairs.base_positions[:, 0] - 1], 1)
+    one_empty = two.clone()
+    one_empty[3, 1] = -1
+    views = {"A": _with_positions(pairs, two, two), "B": _with_positions(pairs, two[:, :1], two[:, :1])}
+    with pytest.raises(ValueError, match=r"'A' and 'B' have 2 and 1 slots per pair.*same slots"):
+        evaluate(alignment_of(models), views, floor=False)
+    views["B"] = _with_positions(pairs, one_empty, one_empty)
+    with pytest.raises(ValueError, match=r"pair 3: slot 1 is empty \(-1\) in the view of 'B' but not in the other's"):
+        fit(alignment_of(models), views, views, steps=1, progress=False)
+
+
+def test_labels_must_cover_the_base_positions(pairs, small_task) -> None:
+    with pytest.raises(ValueError, match=r"one column per position of base_inputs \(seq = \d+\).*-100"):
+        CounterfactualPairs(pairs.base_inputs, pairs.source_inputs, pairs.base_positions, pairs.source_positions, pairs.labels[:, 1:])
+    task_data = small_task.sample(8, seed=0, split="held_out")
+    with pytest.raises(ValueError, match="one column per position of inputs"):
+        LabelledSequences(task_data.inputs, task_data.labels[:, :-1])
+    no_label = task_data.labels.clone()
+    no_label[5] = IGNORE_INDEX
+    with pytest.raises(ValueError, match="row 5 has no label position"):
+        LabelledSequences(task_data.inputs, no_label)  # it would count as a right trial in the ceiling
+    with pytest.raises(TypeError, match="integer token ids"):
+        LabelledSequences(task_data.inputs, task_data.labels.float())
+
+
+def test_evaluation_runs_models_in_eval_mode_and_leaves_their_modes_alone(models, pairs, small_task) -> None:
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentConfig(hidden_size=16, embedding_size=8))
+    model.embedding = torch.nn.Sequential(model.embedding, torch.nn.Dropout(0.5))
+    adapter = TorchModuleAdapter(model, name="A")
+    alignment = ModelAlignment({"A": adapter}, "rnn.h_l0", 2)
+    model.train()
+    model.rnn.eval()  # a user's own mix of modes
+    ceiling_data = small_task.sample(32, seed=1, split="held_out")
+    reports = [evaluate(alignment, pairs, ceiling_data=ceiling_data).to_dict() for _ in range(2)]
+    assert model.training and model.embedding[1].training and not model.rnn.training
+    model.eval()
+    assert reports[0] == reports[1] == evaluate(alignment, pairs, ceiling_data=ceiling_data).to_dict()
+
+
+def test_fit_restores_a_model_that_serves_two_names() -> None:
+    from masalign.train import frozen_models
+
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentConfig(hidden_size=16, embedding_size=8)).train()
+    model.readout.eval()
+    adapter = TorchModuleAdapter(model)
+    with frozen_models(ModelAlignment({"A": adapter, "B": adapter}, "rnn.h_l0", 2)):
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert model.training and not model.readout.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_standardization_keeps_its_own_copy(models) -> None:
+    alignment = alignment_of(models)
+    mean, std = torch.zeros(16), torch.ones(16)
+    for name in "AB":
+        alignment.alignments[name].set_standardization(mean, std)
+    mean += 5.0
+    assert all(float(alignment.alignments[name].mean.abs().max()) == 0.0 for name in "AB")
+    assert alignment.alignments["A"].mean.data_ptr() != alignment.alignments["B"].mean.data_ptr()

@@ -46,6 +46,17 @@ def test_cl_targets_must_cover_the_train_pairs(setting) -> None:
         fit(ModelAlignment(models, "rnn.h_l0", 4), train.subset(slice(0, 100)), valid, latent_objective=objective, steps=1, progress=False)
 
 
+def test_cl_targets_with_too_few_latents_are_refused_before_training(setting) -> None:
+    import dataclasses
+
+    models, train, valid, _, targets = setting
+    found = torch.zeros_like(targets.found)
+    found[7] = True
+    objective = LatentObjective([("A", "B")], dataclasses.replace(targets, found=found), train.source_inputs)
+    with pytest.raises(ValueError, match="at least 2 train pairs, but 1 of 2000 have one.*larger pool"):
+        fit(ModelAlignment(models, "rnn.h_l0", 4), train, valid, latent_objective=objective, steps=1, progress=False)
+
+
 def test_cl_gradients_need_no_target_run(setting, monkeypatch) -> None:
     """With only CL directions on B, B is never run with an intervention (it is only recorded)."""
     models, train, valid, _, targets = setting

@@ -92,8 +92,9 @@ class AlignmentFunction(nn.Module, metaclass=ABCMeta):
         """Use per-feature ``mean`` and ``std`` (each ``(width,)``) of the model's activations."""
         if mean.shape != (self.width,) or std.shape != (self.width,):
             raise ValueError(f"mean and std must have shape ({self.width},); got {tuple(mean.shape)} and {tuple(std.shape)}")
-        self.mean = mean.detach().to(self.mean)
-        self.std = std.detach().clamp(min=min_std).to(self.std)
+        # Copies: the map must not share memory with the caller's tensors (nor two maps with one).
+        self.mean = mean.detach().to(self.mean, copy=True)
+        self.std = std.detach().clamp(min=min_std).to(self.std, copy=True)
 
     def fit_standardization(self, activations: Tensor, min_std: float = 1e-6) -> None:
         """Set ``mean`` and ``std`` from sample activations ``(..., width)`` of the model at its site.

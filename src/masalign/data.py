@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 # One inputs type for the whole library: the adapters define what a model takes.
-from .adapters.base import EMPTY_SLOT, ModelInputs
+from .adapters.base import EMPTY_SLOT, ModelInputs, tokens_and_mask
 
 IGNORE_INDEX = -100
 
@@ -153,13 +153,7 @@ class CounterfactualPairs:
         if bool(base_empty.all(dim=1).any()):
             i = int(base_empty.all(dim=1).nonzero()[0])
             raise ValueError(f"pair {i} has only empty slots ({EMPTY_SLOT}): nothing would be intervened on; give it a position")
-        if self.labels.dtype.is_floating_point:
-            raise TypeError(f"labels must be integer token ids, got {self.labels.dtype}")
-        if bool((self.labels < IGNORE_INDEX).any()) or bool(((self.labels < 0) & (self.labels != IGNORE_INDEX)).any()):
-            raise ValueError(f"labels must be token ids >= 0 or {IGNORE_INDEX} (no label)")
-        has_label = (self.labels != IGNORE_INDEX).any(dim=1)
-        if not bool(has_label.all()):
-            raise ValueError(f"pair {int((~has_label).nonzero()[0])} has no label position; every pair needs at least one label")
+        _check_labels(self.labels, self.base_inputs, "base_inputs", "pair")
 
     def __len__(self) -> int:
         return _rows(self.base_inputs)
@@ -222,6 +216,25 @@ def prefix_positions(ends: Tensor | list[int], n_slots: int | None = None) -> Te
     return torch.where(slots <= ends.long()[:, None], slots, torch.full_like(slots, EMPTY_SLOT))
 
 
+def _check_labels(labels: Tensor, inputs: ModelInputs, inputs_name: str, row: str) -> None:
+    """Next-token labels ``(N, seq)`` laid out as ``inputs``' positions, token ids or
+    :data:`IGNORE_INDEX`, at least one per row (a row without one would count as right)."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer token ids, got {labels.dtype}")
+    tokens = tokens_and_mask(inputs)[0]
+    seq = tokens.shape[1] if tokens.dim() >= 2 else None
+    if labels.dim() != 2 or (seq is not None and labels.shape[1] != seq):
+        raise ValueError(
+            f"labels must be (N, seq) with one column per position of {inputs_name} (seq = {seq}), got shape "
+            f"{tuple(labels.shape)}; put {IGNORE_INDEX} where nothing is predicted"
+        )
+    if bool((labels < IGNORE_INDEX).any()) or bool(((labels < 0) & (labels != IGNORE_INDEX)).any()):
+        raise ValueError(f"labels must be token ids >= 0 or {IGNORE_INDEX} (no label)")
+    has_label = (labels != IGNORE_INDEX).any(dim=1)
+    if not bool(has_label.all()):
+        raise ValueError(f"{row} {int((~has_label).nonzero()[0])} has no label position; every {row} needs at least one label")
+
+
 def view_for(data: CounterfactualData, model: str) -> CounterfactualPairs:
     """The pairs as ``model`` sees them (shared pairs, or that model's own view)."""
     if isinstance(data, CounterfactualPairs):
@@ -246,6 +259,25 @@ def check_views(data: CounterfactualData) -> int:
     variables = {view.variable for view in data.values()}
     if len(variables) != 1:
         raise ValueError(f"the per-model views name different variables: {sorted(variables)}")
+    # Slot j of the source model's view goes to slot j of the target's: the views must agree on
+    # which slots each pair uses, or an empty source slot (read as zeros) would be written in.
+    (first_name, first), *others = data.items()
+    for name, view in others:
+        if view.base_positions.shape[1] != first.base_positions.shape[1]:
+            raise ValueError(
+                f"the views of {first_name!r} and {name!r} have {first.base_positions.shape[1]} and "
+                f"{view.base_positions.shape[1]} slots per pair; slot j of one model's positions goes to slot j of "
+                "the other's, so every view needs the same slots (intervene on positions that tokenise alike, "
+                "e.g. one token per item in every tokenizer)"
+            )
+        differs = (view.base_positions == EMPTY_SLOT) != (first.base_positions == EMPTY_SLOT)
+        if bool(differs.any()):
+            i, j = differs.nonzero()[0].tolist()
+            empty_in = first_name if bool(first.base_positions[i, j] == EMPTY_SLOT) else name
+            raise ValueError(
+                f"pair {i}: slot {j} is empty ({EMPTY_SLOT}) in the view of {empty_in!r} but not in the other's; "
+                "slot j of one model's positions goes to slot j of the other's, so the views must use the same slots"
+            )
     return next(iter(sizes.values()))
 
 
@@ -275,6 +307,7 @@ class LabelledSequences:
             raise ValueError("the dataset is empty")
         if _rows(self.labels) != _rows(self.inputs):
             raise ValueError(f"labels has {_rows(self.labels)} rows but inputs has {_rows(self.inputs)}")
+        _check_labels(self.labels, self.inputs, "inputs", "row")
 
     def __len__(self) -> int:
         return _rows(self.inputs)

@@ -8,8 +8,10 @@ untrained alignment (the floor).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from torch import Tensor
 
 from . import distributed
 from .adapters import ModelAdapter
+from .adapters.base import probing
 from .data import (
     CounterfactualData,
     LabelledSequences,
@@ -36,6 +39,29 @@ from .memo import ActivationMemo
 from .objectives import Direction, Matrix, check_directions, correct_counts, intervention_loss, to_matrix
 from .prefix import dataset_prefixes, prefix_rows
 
+@contextlib.contextmanager
+def models_in_eval_mode(models: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Each model in eval mode (dropout off, as ``fit`` runs them) without gradient; every
+    module's own mode restored afterwards."""
+    with contextlib.ExitStack() as stack:
+        for model in {id(model): model for model in models}.values():
+            stack.enter_context(probing(model))
+        yield
+
+
+def _in_eval_mode(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``function(alignment_or_adapter, ...)`` with the models it runs in eval mode: a score of a
+    model left in training mode would otherwise change from call to call with its dropout."""
+
+    @functools.wraps(function)
+    def in_eval_mode(first: ModelAlignment | ModelAdapter, *args: Any, **kwargs: Any) -> Any:
+        adapters = first.models.values() if isinstance(first, ModelAlignment) else [first]
+        with models_in_eval_mode([adapter.model for adapter in adapters]):
+            return function(first, *args, **kwargs)
+
+    return in_eval_mode
+
+
 @dataclass
 class DirectionScores:
     trial_accuracy: float
@@ -43,7 +69,7 @@ class DirectionScores:
     loss: float
 
 
-@torch.no_grad()
+@_in_eval_mode
 def interchange_scores(
     alignment: ModelAlignment,
     data: CounterfactualData,
@@ -103,13 +129,13 @@ def interchange_scores(
     return scores
 
 
-@torch.no_grad()
+@_in_eval_mode
 def vocabulary_size(adapter: ModelAdapter, inputs: ModelInputs) -> int:
     """The number of logits ``adapter``'s model gives, from one run on the first row of ``inputs``."""
     return adapter.logits(inputs_to(index_inputs(inputs, torch.arange(1)), adapter.device)).shape[-1]
 
 
-@torch.no_grad()
+@_in_eval_mode
 def task_accuracy(adapter: ModelAdapter, data: LabelledSequences, batch_size: int = 256) -> tuple[float, float]:
     """(trial, token) accuracy of a model on its own task, without intervention: the ceiling."""
     trials = tokens = label_tokens = 0
@@ -257,6 +283,7 @@ def _matrix(scores: Mapping[Direction, DirectionScores], models: Sequence[str], 
     return to_matrix({direction: getattr(value, attr) for direction, value in scores.items()}, models)
 
 
+@_in_eval_mode
 def evaluate(
     alignment: ModelAlignment,
     test: CounterfactualData,

@@ -290,10 +290,22 @@ class ModelAlignment(nn.Module):
 
         # Within one model (DAS) the map that reads is the one that writes: its matrix is built once.
         with source_alignment.computed_once() if source_alignment is target_alignment else contextlib.nullcontext():
-            values = source_alignment.coordinates(source_hidden.to(source_alignment.device), block)  # (batch, n_slots, k)
+            values = self._source_coordinates(source_alignment, source_hidden, base_positions, block)
             if logit_positions is None:
                 return run()
             return logits_at(adapter, logit_positions, base_inputs, run)
+
+    @staticmethod
+    def _source_coordinates(source_alignment: nn.Module, source_hidden: Tensor, base_positions: Tensor, block: slice) -> Tensor:
+        """``(batch, n_slots, k)``: the source rows' coordinates in the block; an empty slot's (the
+        source's and the base's slots are empty alike) are zeros, never written. Its zero activation
+        is not mapped: it may lie outside an elementwise map's range (a sigmoid's (0, 1))."""
+        hidden = source_hidden.to(source_alignment.device)
+        filled = (base_positions != EMPTY_SLOT).to(hidden.device)
+        if bool(filled.all()):
+            return source_alignment.coordinates(hidden, block)
+        rows = source_alignment.coordinates(hidden[filled], block)  # (n_filled, k)
+        return rows.new_zeros(*filled.shape, rows.shape[-1]).index_put(tuple(filled.nonzero().T), rows)
 
     def block(self, variable: str | None) -> slice:
         if variable is None:

@@ -108,18 +108,21 @@ def frozen_models(alignment: ModelAlignment) -> Iterator[None]:
     model's failure to restore cannot leave another model changed.
     """
     saved = []
+    models = {id(adapter.model): adapter.model for adapter in alignment.models.values()}  # one model may serve two names
     try:
-        for adapter in alignment.models.values():
-            model = adapter.model
-            # Inference tensors can be switched off but never back on: leave them as they are.
-            saved.append((model, model.training, [p for p in model.parameters() if p.requires_grad and not p.is_inference()]))
+        for model in models.values():
+            # Each module's own mode (a user may keep some in eval mode); inference tensors can be
+            # switched off but never back on: leave them as they are.
+            modes = [(module, module.training) for module in model.modules()]
+            saved.append((modes, [p for p in model.parameters() if p.requires_grad and not p.is_inference()]))
             model.eval()
-            for p in saved[-1][2]:
+            for p in saved[-1][1]:
                 p.requires_grad_(False)
         yield
     finally:
-        for model, training, trainable in saved:
-            model.train(training)
+        for modes, trainable in saved:
+            for module, training in modes:
+                module.training = training
             for p in trainable:
                 p.requires_grad_(True)
 
@@ -232,6 +235,13 @@ def _prepare_latents(
         raise ValueError(f"the CL weight must be >= 0, got {objective.weight}")
     if any(view_for(data, m).base_positions.shape[1] != 1 for d in directions for m in d):
         raise ValueError("the CL loss supports one intervention slot per pair")
+    n_found = int(objective.targets.found.sum())
+    if n_found < 2:
+        raise ValueError(
+            f"the CL loss needs counterfactual latents for at least 2 train pairs, but {n_found} of {n} have one: "
+            "give find_counterfactual_latents a larger pool of inputs (one whose examples take the pairs' "
+            "counterfactual values)"
+        )
     source_hidden: dict[str, Tensor] = {}
     base_hidden: dict[str, Tensor] = {}
     natural: dict[str, Tensor] = {}
@@ -451,11 +461,10 @@ class _EarlyStopping:
 def _latent_diagnostics(alignment: ModelAlignment, latent: _PreparedLatents) -> dict[str, dict[str, dict[str, float]]]:
     """CL loss and off-manifold diagnostics (docs/method.md section 5) per CL direction, on up to 2048 pairs."""
     diagnostics: dict[str, dict[str, dict[str, float]]] = {}
-    sample = torch.arange(min(2048, len(latent.found)))
+    sample = latent.found.nonzero().flatten()[:2048]  # pairs with a latent (at least 2: _prepare_latents)
     for source, target in latent.directions:
-        mask = latent.found[sample]
-        intervened = latent.intervened(alignment, source, target, sample)[mask]
-        natural = latent.natural[target][sample][mask]
+        intervened = latent.intervened(alignment, source, target, sample)
+        natural = latent.natural[target][sample.to(latent.natural[target].device)]
         excess = range_excess(intervened, natural)
         diagnostics.setdefault(source, {})[target] = {
             "cl_loss": float(cl_loss(intervened, natural, latent.kind)),

@@ -554,11 +554,13 @@ def align_operators(
     u, _, vh = torch.linalg.svd(found)
     orthogonal = u @ vh
     aligned_b = orthogonal @ B_t @ orthogonal.T
-    cosine = float((A_t * aligned_b).sum() / (norm_a * norm_b))
+    # arccos(cosine) as 2 arcsin(|a - b| / 2) of the unit-norm operators: the same angle, but
+    # exact near 0, where arccos turns a cosine's last-bit rounding (1 - 2e-16) into 2e-8.
+    chord = float(torch.linalg.matrix_norm(A_t / norm_a - aligned_b / norm_b))
     return OperatorAlignment(
         orthogonal=orthogonal,
         euclidean=float(torch.linalg.matrix_norm(A_t - aligned_b)),
-        angular=math.acos(min(1.0, max(-1.0, cosine))),
+        angular=2.0 * math.asin(min(1.0, chord / 2.0)),
     )
 
 
