@@ -415,3 +415,17 @@ def test_standardization_keeps_its_own_copy(models) -> None:
     mean += 5.0
     assert all(float(alignment.alignments[name].mean.abs().max()) == 0.0 for name in "AB")
     assert alignment.alignments["A"].mean.data_ptr() != alignment.alignments["B"].mean.data_ptr()
+
+
+def test_standardization_reads_the_models_in_eval_mode(pairs) -> None:
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentConfig(hidden_size=16, embedding_size=8))
+    model.embedding = torch.nn.Sequential(model.embedding, torch.nn.Dropout(0.5))
+    means = []
+    for training in (True, False):
+        model.train(training)
+        alignment = ModelAlignment({"A": TorchModuleAdapter(model, name="A")}, "rnn.h_l0", 2)
+        fit(alignment, pairs, pairs, steps=1, standardize=True, progress=False)
+        means.append(alignment.alignments["A"].mean.clone())
+        assert model.training == training
+    assert torch.equal(means[0], means[1])

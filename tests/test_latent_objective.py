@@ -69,3 +69,14 @@ def test_cl_gradients_need_no_target_run(setting, monkeypatch) -> None:
         latent_objective=LatentObjective([("A", "B")], targets, train.source_inputs), progress=False)
     assert not calls
     assert not torch.equal(before, alignment.alignments["B"].basis.detach())
+
+
+def test_a_shared_pool_may_be_a_mapping_of_input_names() -> None:
+    from masalign.train import _pool_of
+
+    shared = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    assert _pool_of(shared, "A", ["A", "B"]) is shared  # not taken for a per-model mapping
+    own = {"A": torch.zeros(2, 3, dtype=torch.long), "B": torch.ones(2, 4, dtype=torch.long)}
+    assert _pool_of(own, "B", ["A", "B"]) is own["B"]
+    with pytest.raises(ValueError, match=r"names some models but not \['B'\]"):
+        _pool_of({"A": own["A"]}, "A", ["A", "B"])

@@ -15,7 +15,7 @@ import math
 import numbers
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -86,8 +86,10 @@ class LatentObjective:
         directions: (source, target) pairs, independent of the behavioural ones.
         targets: from :func:`masalign.latents.find_counterfactual_latents` or
             :meth:`masalign.tasks.NumericTask.latent_targets`, one per train pair.
-        pool_inputs: the sequences ``targets`` index (a mapping model -> inputs when
-            the models tokenise differently).
+        pool_inputs: the sequences ``targets`` index: inputs shared by the models (a
+            tensor, or a mapping such as ``{"input_ids", "attention_mask"}``), or a
+            mapping from every model's name to its own inputs, whose rows and positions
+            correspond (``targets`` index each the same way).
         weight: epsilon, 0.85 in the reference's cl_mas config.
         kind: "mse", "cosine" or "mse_cosine" (their average, the default).
     """
@@ -255,13 +257,24 @@ def _prepare_latents(
         if target not in base_hidden:
             view, device = view_for(data, target), alignment.alignments[target].device
             base_hidden[target] = alignment.source_activations(target, view.base_inputs, view.base_positions)[:, 0].to(device)
-            pool = objective.pool_inputs[target] if isinstance(objective.pool_inputs, dict) else objective.pool_inputs
+            pool = _pool_of(objective.pool_inputs, target, alignment.model_names)
             natural[target] = natural_latents(alignment.models[target], alignment.sites[target], pool, objective.targets).to(device)
             check_finite(natural[target], f"counterfactual latents of model {target!r}")
     return _PreparedLatents(
         variable, directions, alignment.block(variable), source_hidden, base_hidden, natural,
         objective.targets.found, objective.weight, objective.kind, alignment.keep_complement,
     )
+
+
+def _pool_of(pool_inputs: Any, model: str, model_names: Sequence[str]) -> Any:
+    """``model``'s latent pool: its own entry when ``pool_inputs`` maps every model's name to inputs,
+    else the shared inputs (a mapping of input names such as ``input_ids`` included)."""
+    if isinstance(pool_inputs, Mapping) and set(model_names) <= set(pool_inputs):
+        return pool_inputs[model]
+    if isinstance(pool_inputs, Mapping) and set(pool_inputs) & set(model_names):
+        missing = sorted(set(model_names) - set(pool_inputs))
+        raise ValueError(f"pool_inputs names some models but not {missing}: give every model its inputs, or one shared input")
+    return pool_inputs
 
 
 def _check_fit_options(
@@ -511,7 +524,8 @@ def fit(
             ``min_delta`` for ``patience`` validations.
         target_accuracy: stop when every direction reaches this validation trial
             accuracy on every variable (above 1: never stop for accuracy).
-        standardize: first set each model's mean/std from its source activations.
+        standardize: first set each model's mean/std from its source activations
+            (of the first variable's train pairs, when there are several).
         seed: batch order (the alignment's own seed sets its initialisation).
         latent_objective: an optional CL loss on its own directions
             (:class:`LatentObjective`); ``directions`` may then be only the
@@ -553,7 +567,8 @@ def fit(
     # now, before the optimiser holds the parameters.
     alignment.place_on_site_devices()
     if standardize:
-        alignment.fit_standardization(next(iter(train_data.values())), memo=memo)
+        with frozen_models(alignment):  # eval mode: no dropout in the activations' statistics
+            alignment.fit_standardization(next(iter(train_data.values())), memo=memo)
     distributed.broadcast_state(alignment.alignments)  # under torchrun: every process starts from rank 0's state
     start_time = time.perf_counter()
 
