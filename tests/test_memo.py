@@ -84,6 +84,22 @@ def test_evaluate_resumes_from_prefixes_with_the_same_scores(adapter: NNsightAda
     assert cached.iia == full.iia and cached.floor == full.floor and cached.iia_token == full.iia_token
 
 
+def test_evaluate_without_the_floor_or_a_memo_runs_whole(adapter: NNsightAdapter, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its base runs would be used once: reading them first would cost more than it saves.
+    alignment = ModelAlignment({"A": adapter}, "model.layers.1.output", subspace_dim=4)
+    test = _pairs(8, 2)
+    reads: list[str] = []
+    for name in ("prefix", "key_value_prefix"):
+        read = getattr(adapter, name)
+        monkeypatch.setattr(adapter, name, lambda *args, read=read, name=name, **kwargs: reads.append(name) or read(*args, **kwargs))
+    single = evaluate(alignment, test, floor=False)
+    assert reads == []
+    memo = ActivationMemo()
+    assert evaluate(alignment, test, floor=False, memo=memo).iia == single.iia and reads and len(memo) == 2
+    reads.clear()
+    assert evaluate(alignment, test).iia == single.iia and reads
+
+
 def test_a_memo_key_is_the_objects_not_their_values(adapter: NNsightAdapter) -> None:
     memo = ActivationMemo()
     inputs: dict[str, Tensor] = {"input_ids": torch.ones(2, 3, dtype=torch.long)}

@@ -301,10 +301,15 @@ def evaluate(
     (with ``prefix_cache``, as in :func:`masalign.fit`) the targets' base runs up
     to their sites are read once for the trained alignment and its floor; pass a
     ``memo`` (:class:`masalign.memo.ActivationMemo`) to share them with fits and
-    other evaluations on the same pairs.
+    other evaluations on the same pairs. Without the floor and without a memo the
+    base runs are not cached: they would be used once, and reading them costs about
+    what running them whole does.
     """
     directions = check_directions(alignment, directions)
     check_views(test)
+    # A prefix costs about one run of its rows to read: it pays when read for the alignment and
+    # its floor, or kept in a caller's memo for later fits; a single use of it would not.
+    prefix_cache = prefix_cache and (floor or memo is not None)
     memo = ActivationMemo() if memo is None else memo
     test_data = {variable_of(test): test}
     sources = sorted({s for s, _ in directions})
