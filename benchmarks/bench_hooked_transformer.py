@@ -7,7 +7,7 @@ Hugging Face model's to about 2e-5), the pretrained demo's counting pairs (numbe
 10..98, runs of 3-4, the interchange at the positions that predict the answer),
 DAS within the model at ``blocks.{layer}.hook_resid_post``, k = 16, Adam lr 1e-2,
 batch 16. Three ways, each a whole ``fit`` (the caches' reads counted) and an
-``evaluate`` on the test pairs:
+``evaluate`` on the test pairs (with its floor):
 
 - whole: ``prefix_cache=False``, every step runs the whole model;
 - states: each step runs the blocks after the site from the cached states there (an
@@ -130,7 +130,7 @@ def main() -> None:
                 result = fit(alignment, views["train"], views["valid"], prefix_cache=prefix_cache, **options)
                 fit_s = time.perf_counter() - start
                 start = time.perf_counter()
-                report = evaluate(alignment, views["test"], prefix_cache=prefix_cache, floor=False)
+                report = evaluate(alignment, views["test"], prefix_cache=prefix_cache)
                 evaluate_s = time.perf_counter() - start
             results[way] = {
                 "fit_s": fit_s, "step_s": fit_s / args.steps, "evaluate_s": evaluate_s,

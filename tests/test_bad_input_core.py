@@ -207,6 +207,11 @@ def test_fit_with_a_direction_naming_no_model(models, pairs) -> None:
         fit(alignment_of(models), pairs, pairs, directions=[("A", "C")], progress=False)
 
 
+def test_fit_with_a_direction_given_twice(models, pairs) -> None:
+    with pytest.raises(ValueError, match=r"\('A', 'B'\) is given twice"):
+        fit(alignment_of(models), pairs, pairs, directions=[("A", "B"), ("B", "A"), ("A", "B")], progress=False)
+
+
 def test_fit_with_a_string_for_directions(models, pairs) -> None:
     with pytest.raises(TypeError, match="list of \\(source, target\\) pairs"):
         fit(alignment_of(models), pairs, pairs, directions="A->B", progress=False)

@@ -48,6 +48,8 @@ def check_directions(alignment: ModelAlignment, directions: Sequence[Direction] 
             raise ValueError(
                 f"direction {direction!r} must be a (source, target) pair of model names from {alignment.model_names}"
             )
+        if (direction[0], direction[1]) in checked:
+            raise ValueError(f"direction {tuple(direction)!r} is given twice; each direction counts once in the loss")
         checked.append((direction[0], direction[1]))
     if not checked:
         raise ValueError("directions is empty; give at least one (source, target) pair, or None for all of them")
