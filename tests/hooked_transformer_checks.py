@@ -273,3 +273,35 @@ def test_patching_from_cached_runs_equals_whole_runs(adapter):
         warnings.simplefilter("error")  # neither the keys and values nor the states fall back
         cached = activation_patching(adapter, clean, corrupted, sites, metric, positions, prefix_cache=True)
     assert (whole.values - cached.values).abs().max() < TOLERANCE
+
+
+def test_the_unembedding_without_copies_gives_the_same_logits_and_is_put_back(adapter, model):
+    from masalign.adapters.transformer_lens import unembedding_without_copies
+
+    inputs = _padded()
+    weight = model.unembed.W_U
+    original, plain = weight.detach().clone(), adapter.logits(inputs)
+    storage, strides = weight.data_ptr(), weight.stride()
+    copies = []
+    with unembedding_without_copies(model):
+        assert model.unembed.W_U is weight and weight.T.is_contiguous() and torch.equal(weight, original)
+        contiguous = torch.Tensor.contiguous
+
+        def spy(self, *args, **kwargs):
+            result = contiguous(self, *args, **kwargs)
+            if result.data_ptr() != self.data_ptr():
+                copies.append(tuple(self.shape))
+            return result
+
+        torch.Tensor.contiguous = spy
+        try:
+            laid_out = adapter.logits(inputs)
+        finally:
+            torch.Tensor.contiguous = contiguous
+    assert torch.equal(laid_out, plain)
+    assert (VOCAB, 32) not in copies  # W_U.T was not copied
+    assert (weight.data_ptr(), weight.stride()) == (storage, strides) and torch.equal(weight, original)
+    with pytest.raises(RuntimeError, match="inside"):
+        with unembedding_without_copies(model):
+            raise RuntimeError("inside")
+    assert (weight.data_ptr(), weight.stride()) == (storage, strides)
