@@ -315,3 +315,21 @@ def test_a_local_gpt2_folder_loads_through_the_bridge_with_the_same_logits(tmp_p
     torch.testing.assert_close(adapter.logits(tokens), expected, atol=1e-5, rtol=0)
     assert adapter.sites()["blocks.1.hook_resid_post"] == 64
     assert adapter.sites()["blocks.0.attn.hook_z"] == 64  # 2 heads of 32
+
+
+def test_the_unembedding_without_copies_lays_out_w_u_and_puts_it_back() -> None:
+    # Exercised on a real HookedTransformer in hooked_transformer_checks.py; here its bookkeeping.
+    from masalign.adapters.transformer_lens import unembedding_without_copies
+
+    model = nn.Module()
+    model.unembed = nn.Module()
+    model.unembed.W_U = nn.Parameter(torch.randn(4, 6))
+    weight = model.unembed.W_U
+    values, storage = weight.detach().clone(), weight.data_ptr()
+    with unembedding_without_copies(model):
+        assert model.unembed.W_U is weight and weight.T.is_contiguous() and torch.equal(weight, values)
+        with unembedding_without_copies(model):  # already laid out: left as it is
+            assert weight.T.is_contiguous()
+    assert weight.data_ptr() == storage and weight.is_contiguous() and torch.equal(weight, values)
+    with unembedding_without_copies(nn.Linear(2, 3)):  # no unembed.W_U: nothing to do
+        pass
