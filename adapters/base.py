@@ -297,6 +297,18 @@ def check_inputs(
     return check_positions_for(tokens, positions, attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None)
 
 
+
+def run_context(adapter: Any) -> contextlib.AbstractContextManager[Any]:
+    """The adapter's optional ``run_context()``, else a context that does nothing.
+
+    ``fit``, ``evaluate`` and patching enter it for their duration: an adapter may lay out
+    its model's own tensors there for faster runs (values unchanged, put back on exit),
+    as :class:`TransformerLensAdapter` does with a ``HookedTransformer``'s unembedding.
+    """
+    enter = getattr(adapter, "run_context", None)
+    return enter() if callable(enter) else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def probing(model: nn.Module) -> Iterator[None]:
     """Eval mode and no gradient for a run that only looks at shapes; each module's mode restored.

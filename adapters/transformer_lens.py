@@ -234,6 +234,12 @@ class TransformerLensAdapter:
         replacement.check_gradient_reached(logits)
         return logits
 
+    def run_context(self) -> contextlib.AbstractContextManager[None]:
+        """Entered by ``fit``, ``evaluate`` and patching for their duration: a ``HookedTransformer``'s
+        unembedding laid out so that TransformerLens 3.x does not copy it at every call
+        (:func:`unembedding_without_copies`; same values, put back on exit)."""
+        return unembedding_without_copies(self._model)
+
     def output_module(self) -> nn.Module | None:
         """The unembedding (``unembed``), for :func:`adapters.base.logits_only_at`."""
         unembed = getattr(self._model, "unembed", None)
@@ -529,7 +535,8 @@ def unembedding_without_copies(model: nn.Module) -> Iterator[None]:
     is put back on exit (the ``Parameter`` object stays the same throughout, so an
     optimiser holding it is unaffected). A model without ``unembed.W_U`` is left alone.
 
-    Use it around ``fit`` and ``evaluate``: ``with unembedding_without_copies(model): fit(...)``.
+    ``fit``, ``evaluate`` and patching enter it themselves (the adapter's :meth:`run_context`);
+    around one's own runs: ``with unembedding_without_copies(model): model.run_with_hooks(...)``.
     """
     weight = getattr(getattr(model, "unembed", None), "W_U", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.T.is_contiguous():

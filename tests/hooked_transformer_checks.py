@@ -305,3 +305,27 @@ def test_the_unembedding_without_copies_gives_the_same_logits_and_is_put_back(ad
         with unembedding_without_copies(model):
             raise RuntimeError("inside")
     assert (weight.data_ptr(), weight.stride()) == (storage, strides)
+
+
+def test_fit_evaluate_and_patching_run_with_the_unembedding_laid_out_and_put_it_back():
+    model = _model("gpt2")
+    adapter = TransformerLensAdapter(model)
+    weight = model.unembed.W_U
+    storage, strides = weight.data_ptr(), weight.stride()
+    laid_out = []
+    handle = model.unembed.register_forward_pre_hook(lambda module, args: laid_out.append(module.W_U.T.is_contiguous()))
+    try:
+        alignment = ModelAlignment({"A": adapter}, "blocks.1.hook_resid_post", subspace_dim=4, seed=0)
+        laid_out.clear()  # the adapter's probe of the sites, before any of them
+        fit(alignment, _pairs(8, 0), _pairs(4, 1), steps=2, batch_size=4, eval_every=2, progress=False)
+        evaluate(alignment, _pairs(4, 2))
+        clean = _padded()
+        corrupted = {**clean, "input": torch.where(clean["attention_mask"].bool(), (clean["input"] + 7) % VOCAB, 0)}
+        activation_patching(adapter, clean, corrupted, ["blocks.0.hook_resid_post"], LogitDifference(3, 5), [9, 10])
+        assert laid_out and all(laid_out)
+        laid_out.clear()
+        adapter.logits(clean)  # outside them: the model as it was
+        assert laid_out == [False]
+    finally:
+        handle.remove()
+    assert (weight.data_ptr(), weight.stride()) == (storage, strides)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import distributed
 from .adapters import ModelAdapter
-from .adapters.base import probing
+from .adapters.base import probing, run_context
 from .data import (
     CounterfactualData,
     LabelledSequences,
@@ -55,8 +55,10 @@ def _in_eval_mode(function: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(function)
     def in_eval_mode(first: ModelAlignment | ModelAdapter, *args: Any, **kwargs: Any) -> Any:
-        adapters = first.models.values() if isinstance(first, ModelAlignment) else [first]
-        with models_in_eval_mode([adapter.model for adapter in adapters]):
+        adapters = list(first.models.values()) if isinstance(first, ModelAlignment) else [first]
+        with models_in_eval_mode([adapter.model for adapter in adapters]), contextlib.ExitStack() as stack:
+            for adapter in adapters:
+                stack.enter_context(run_context(adapter))
             return function(first, *args, **kwargs)
 
     return in_eval_mode

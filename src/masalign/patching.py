@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adapters.base import ModelAdapter, ModelInputs, Replacement, SiteError, parameter_devices, probing, tokens_and_mask, unknown_site_error
+from .adapters.base import ModelAdapter, ModelInputs, Replacement, SiteError, parameter_devices, probing, run_context, tokens_and_mask, unknown_site_error
 from .adapters.resume import KeyValuePrefix
 from .data import inputs_to
 from .logit_rows import logits_at
@@ -283,7 +283,7 @@ def activation_patching(
     positions = _check_grid_positions(positions, seq, clean, position_labels)
     _check_metric_reads_real_tokens(metric, clean)
     clean, corrupted = inputs_to(clean, adapter.device), inputs_to(corrupted, adapter.device)  # once, not per cell
-    with probing(adapter.model):
+    with probing(adapter.model), run_context(adapter):
         clean_value, corrupted_value = (_metric_of(adapter, metric, inputs) for inputs in (clean, corrupted))
         normalise = _normaliser(clean_value, corrupted_value, normalize)
         source, target = (clean, corrupted) if patch_into == "corrupted" else (corrupted, clean)
@@ -344,7 +344,7 @@ def ablation(
     _check_metric_reads_real_tokens(metric, inputs)
     inputs, reference = inputs_to(inputs, adapter.device), inputs_to(reference, adapter.device)  # once, not per cell
     corrupted = None if corrupted is None else inputs_to(corrupted, adapter.device)
-    with probing(adapter.model):
+    with probing(adapter.model), run_context(adapter):
         clean_value = _metric_of(adapter, metric, inputs)
         corrupted_value = _metric_of(adapter, metric, corrupted) if corrupted is not None else None
         normalise = _normaliser(clean_value, corrupted_value, corrupted is not None)

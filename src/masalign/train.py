@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import distributed
-from .adapters.base import check_finite
+from .adapters.base import check_finite, run_context
 from .data import CounterfactualData, CounterfactualPairs, check_views, index_inputs, inputs_to, variable_of, view_for
 from .evaluate import interchange_scores
 from .latents import LatentTargets, cl_loss, natural_latents, range_excess, symmetric_kl_histogram
@@ -103,7 +103,8 @@ class LatentObjective:
 
 @contextlib.contextmanager
 def frozen_models(alignment: ModelAlignment) -> Iterator[None]:
-    """Models in eval mode with gradients off for their parameters; restored afterwards.
+    """Models in eval mode with gradients off for their parameters, inside their adapters'
+    ``run_context`` (:func:`masalign.adapters.base.run_context`); restored afterwards.
 
     Only flags that were changed are written back, so parameters whose flag cannot
     be set (inference tensors, which never require grad) are left alone, and one
@@ -120,7 +121,10 @@ def frozen_models(alignment: ModelAlignment) -> Iterator[None]:
             model.eval()
             for p in saved[-1][1]:
                 p.requires_grad_(False)
-        yield
+        with contextlib.ExitStack() as stack:
+            for adapter in alignment.models.values():
+                stack.enter_context(run_context(adapter))  # e.g. an unembedding laid out for faster runs
+            yield
     finally:
         for modes, trainable in saved:
             for module, training in modes:
