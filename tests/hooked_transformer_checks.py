@@ -29,12 +29,11 @@ except (AttributeError, ImportError):
 
 from masalign import CounterfactualPairs, LogitDifference, ModelAlignment, activation_patching, evaluate, fit  # noqa: E402
 from masalign.adapters import SiteError, TransformerLensAdapter  # noqa: E402
+from padded_pairs import POSITIONS, SEQ, VOCAB, padded_inputs, pairs  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
 
-VOCAB, SEQ = 40, 11
 TOLERANCE = 1e-5
-POSITIONS = torch.tensor([[3, 10], [4, 9], [6, 8]])
 
 
 def _model(kind: str):
@@ -65,13 +64,7 @@ def adapter(model):
 
 
 def _padded() -> dict[str, Tensor]:
-    """Three rows, left-padded by 0, 2 and 5 tokens."""
-    tokens = torch.randint(1, VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(3, SEQ, dtype=torch.long)
-    for row, pad in enumerate((0, 2, 5)):
-        mask[row, :pad] = 0
-        tokens[row, :pad] = 0
-    return {"input": tokens, "attention_mask": mask}
+    return padded_inputs("input")
 
 
 def _no_hooks_left(model) -> bool:
@@ -144,29 +137,35 @@ def test_positions_on_padding_are_refused(adapter):
         adapter.activations(_padded(), "blocks.0.hook_resid_post", torch.tensor([[3], [1], [6]]))
 
 
+def _logits_and_gradient(run, start: int = 0) -> tuple[Tensor, Tensor]:
+    """``run(replace)``'s logits from position ``start`` on, and the gradient reaching ``replace``'s
+    parameter (a scale of a fixed direction, per slot) from their log-partition."""
+    scale = torch.tensor(0.7, requires_grad=True)
+    direction = torch.linspace(-1, 1, 32)
+
+    def replace(hidden, example_index, slot_index):
+        return hidden + scale * direction * (1 + slot_index[:, None])
+
+    logits = run(replace)[:, start:]
+    logits.logsumexp(-1).sum().backward()
+    return logits.detach(), scale.grad
+
+
+def _assert_alike(full: tuple[Tensor, Tensor], other: tuple[Tensor, Tensor], real: Tensor, what: object) -> None:
+    (full_logits, full_grad), (logits, grad) = full, other
+    assert (full_logits - logits)[real].abs().max() < TOLERANCE, what
+    assert (full_grad - grad).abs() < TOLERANCE * max(1.0, float(full_grad.abs())), what
+
+
 def test_runs_resumed_at_a_block_output_equal_full_runs_with_gradients(adapter):
     inputs = _padded()
-    real = inputs["attention_mask"].bool()
     for layer in range(3):
         site = f"blocks.{layer}.hook_resid_post"
         assert adapter.supports_prefix(site)
-        direction = torch.linspace(-1, 1, 32)
-        runs = []
-        for resumed in (False, True):
-            scale = torch.tensor(0.7, requires_grad=True)
-
-            def replace(hidden, example_index, slot_index):
-                return hidden + scale * direction * (1 + slot_index[:, None])
-
-            if resumed:
-                logits = adapter.run_from_prefix(inputs, site, adapter.prefix(inputs, site), POSITIONS, replace)
-            else:
-                logits = adapter.run_with_replacement(inputs, site, POSITIONS, replace)
-            logits.logsumexp(-1).sum().backward()
-            runs.append((logits.detach(), scale.grad))
-        (full, full_grad), (resumed_logits, resumed_grad) = runs
-        assert (full - resumed_logits)[real].abs().max() < TOLERANCE
-        assert (full_grad - resumed_grad).abs() < TOLERANCE * max(1.0, float(full_grad.abs()))
+        full = _logits_and_gradient(lambda replace: adapter.run_with_replacement(inputs, site, POSITIONS, replace))
+        prefix = adapter.prefix(inputs, site)
+        resumed = _logits_and_gradient(lambda replace: adapter.run_from_prefix(inputs, site, prefix, POSITIONS, replace))
+        _assert_alike(full, resumed, inputs["attention_mask"].bool(), site)
     assert not adapter.supports_prefix("blocks.1.hook_resid_pre")
 
 
@@ -175,31 +174,17 @@ def test_runs_from_cached_keys_and_values_equal_full_runs_with_gradients(adapter
     inputs = _padded() if masked else {"input": _padded()["input"][:, 5:]}
     seq = inputs["input"].shape[1]
     positions = torch.tensor([[seq - 1, seq - 2]] * 3)
-    direction = torch.linspace(-1, 1, 32)
     for layer in range(3):
         site = f"blocks.{layer}.hook_resid_post"
         assert adapter.supports_key_values(site)
         for start in (1, seq - 2):
-            runs = []
-            for from_key_values in (False, True):
-                scale = torch.tensor(0.7, requires_grad=True)
-
-                def replace(hidden, example_index, slot_index):
-                    return hidden + scale * direction * (1 + slot_index[:, None])
-
-                if from_key_values:
-                    prefix = adapter.key_value_prefix(inputs, site, start)
-                    assert prefix.first_block == layer + 1 and len(prefix.keys) == 2 - layer
-                    assert all(keys.shape[2] == start for keys in prefix.keys)
-                    logits = adapter.run_from_prefix(inputs, site, prefix, positions, replace)
-                else:
-                    logits = adapter.run_with_replacement(inputs, site, positions, replace)
-                logits[:, start:].logsumexp(-1).sum().backward()
-                runs.append((logits[:, start:].detach(), scale.grad))
-            (full, full_grad), (cached, cached_grad) = runs
-            real = inputs["attention_mask"][:, start:].bool() if masked else torch.ones(full.shape[:2], dtype=torch.bool)
-            assert (full - cached)[real].abs().max() < TOLERANCE, (site, start)
-            assert (full_grad - cached_grad).abs() < TOLERANCE * max(1.0, float(full_grad.abs())), (site, start)
+            prefix = adapter.key_value_prefix(inputs, site, start)
+            assert prefix.first_block == layer + 1 and len(prefix.keys) == 2 - layer
+            assert all(keys.shape[2] == start for keys in prefix.keys)
+            full = _logits_and_gradient(lambda replace: adapter.run_with_replacement(inputs, site, positions, replace), start)
+            cached = _logits_and_gradient(lambda replace: adapter.run_from_prefix(inputs, site, prefix, positions, replace), start)
+            real = inputs["attention_mask"][:, start:].bool() if masked else torch.ones(full[0].shape[:2], dtype=torch.bool)
+            _assert_alike(full, cached, real, (site, start))
 
 
 def test_a_key_value_prefix_refuses_writes_before_its_start(adapter):
@@ -227,18 +212,7 @@ def test_no_hook_is_left_after_an_error(adapter, model):
 
 
 def _pairs(n: int, seed: int) -> CounterfactualPairs:
-    generator = torch.Generator().manual_seed(seed)
-    base = _padded()
-    rows = torch.randint(0, 3, (n,), generator=generator)
-    labels = torch.full((n, SEQ), -100)
-    labels[:, -1] = torch.randint(1, VOCAB, (n,), generator=generator)
-    return CounterfactualPairs(
-        base_inputs={key: value[rows] for key, value in base.items()},
-        source_inputs={key: value[rows.flip(0)] for key, value in base.items()},
-        base_positions=POSITIONS[rows][:, 1:],
-        source_positions=POSITIONS[rows.flip(0)][:, 1:],
-        labels=labels,
-    )
+    return pairs(n, seed, key="input")
 
 
 def test_mas_between_two_hooked_transformers_fits_alike_with_and_without_cached_prefixes():

@@ -13,15 +13,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from masalign import CounterfactualPairs, ModelAlignment, fit
+from masalign import ModelAlignment, fit
 from masalign.prefix import base_prefixes
 from masalign.adapters import NNsightAdapter, SiteError, TransformerLensAdapter
 from masalign.adapters.resume import check_resume_exact
 
+from padded_pairs import POSITIONS, SEQ, VOCAB, pairs
+from padded_pairs import padded_inputs as _padded_inputs  # the name other test modules import
 from transformer_fixtures import TinyHookedTransformer, save_tiny_gpt2, tiny_tl_transformer
 
 TOLERANCE = 1e-5
-VOCAB, SEQ = 40, 11
 
 
 def _hf_folder(tmp_path_factory: pytest.TempPathFactory, kind: str) -> str:
@@ -57,19 +58,6 @@ def _nnsight(folder: str) -> NNsightAdapter:
     from transformers import AutoModelForCausalLM
 
     return NNsightAdapter(AutoModelForCausalLM.from_pretrained(folder).eval())
-
-
-def _padded_inputs(key: str) -> dict[str, Tensor]:
-    """Three rows, left-padded by 0, 2 and 5 tokens."""
-    tokens = torch.randint(1, VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(3, SEQ, dtype=torch.long)
-    for row, pad in enumerate((0, 2, 5)):
-        mask[row, :pad] = 0
-        tokens[row, :pad] = 0
-    return {key: tokens, "attention_mask": mask}
-
-
-POSITIONS = torch.tensor([[3, 10], [4, 9], [6, 8]])
 
 
 def _assert_resumes_exactly(adapter, inputs, site: str) -> None:
@@ -162,27 +150,12 @@ def test_blocks_are_restored_after_an_error(hf_folder: str) -> None:
     assert (full - adapter.run_from_prefix(inputs, site, prefix, POSITIONS, lambda h, e, s: h)).abs().max() < TOLERANCE
 
 
-def _pairs(n: int, seed: int) -> CounterfactualPairs:
-    generator = torch.Generator().manual_seed(seed)
-    base = _padded_inputs("input_ids")
-    rows = torch.randint(0, 3, (n,), generator=generator)
-    labels = torch.full((n, SEQ), -100)
-    labels[:, -1] = torch.randint(1, VOCAB, (n,), generator=generator)
-    return CounterfactualPairs(
-        base_inputs={key: value[rows] for key, value in base.items()},
-        source_inputs={key: value[rows.flip(0)] for key, value in base.items()},
-        base_positions=POSITIONS[rows][:, 1:],
-        source_positions=POSITIONS[rows.flip(0)][:, 1:],
-        labels=labels,
-    )
-
-
 def test_fit_with_prefix_cache_trains_as_without(hf_folder: str, monkeypatch: pytest.MonkeyPatch) -> None:
     adapter = _nnsight(hf_folder)
     resumed_runs = []
     resume = adapter.run_from_prefix
     monkeypatch.setattr(adapter, "run_from_prefix", lambda *args: resumed_runs.append(1) or resume(*args))
-    train, valid = _pairs(12, 0), _pairs(6, 1)
+    train, valid = pairs(12, 0), pairs(6, 1)
     fitted = []
     for prefix_cache in (False, True):
         alignment = ModelAlignment({"A": adapter}, "model.layers.1.output", subspace_dim=4)
@@ -215,7 +188,7 @@ def assert_same_subspaces(state: dict[str, Tensor], other: dict[str, Tensor], to
 
 def test_prefixes_are_skipped_over_the_memory_budget(hf_folder: str) -> None:
     adapter = _nnsight(hf_folder)
-    data = _pairs(4, 0)
+    data = pairs(4, 0)
     site = "model.layers.1.output"
     cached = base_prefixes(adapter, site, data.base_inputs, data.base_positions, 32)
     assert cached.shape == (4, SEQ, 32) and cached.device.type == "cpu"
