@@ -390,7 +390,7 @@ class _SiteRuns:
     the adapter can resume there (:mod:`masalign.prefix`), the states at the site are
     computed once and each cell runs only the blocks after it; where the adapter also
     keeps the later blocks' keys and values (a Hugging Face model through nnsight or a
-    TransformerLens bridge), those of the positions before the last patched one are
+    TransformerLens bridge, a ``HookedTransformer``), those of the positions before the last patched one are
     computed once too, and a cell at position ``p > 0`` runs positions ``p..`` only
     (position 0 runs whole). The first cached cell of a site is checked against its
     whole run (whose value is the one kept); beyond ``1e-4`` of the logits' scale
