@@ -337,6 +337,38 @@ def test_an_alignment_for_another_architecture_is_refused(other_models, differen
     assert_same_state(alignment, ModelAlignment.load(tmp_path / "saved", models, check_models=False))
 
 
+def test_an_alignment_loaded_onto_other_weights_is_refused(tmp_path) -> None:
+    """Two seeds of one architecture pass every shape check: a save must still know its own models."""
+    alignment = perturbed_alignment(tiny_models())
+    alignment.save(tmp_path / "saved")
+    models = tiny_models()
+    swapped = {"A": models["B"], "B": models["A"]}
+    with pytest.raises(ValueError, match=r"model 'A' does not have the weights .*right names.*check_models=False"):
+        ModelAlignment.load(tmp_path / "saved", swapped)
+    assert_same_state(alignment, ModelAlignment.load(tmp_path / "saved", swapped, check_models=False))
+
+
+def test_an_alignment_loads_onto_its_models_cast_to_bfloat16(tmp_path) -> None:
+    alignment = perturbed_alignment(tiny_models())
+    alignment.save(tmp_path / "saved")
+    models = tiny_models()
+    for adapter in models.values():
+        adapter.model.to(torch.bfloat16)
+    assert_same_state(alignment, ModelAlignment.load(tmp_path / "saved", models))
+
+
+def test_a_float64_alignment_loads_back_in_float64(tmp_path) -> None:
+    models = tiny_models()
+    alignment = perturbed_alignment(models).double()
+    with torch.no_grad():
+        for p in alignment.alignments.parameters():
+            p.add_(1e-12 * torch.randn_like(p))  # below float32's resolution
+    alignment.save(tmp_path / "saved")
+    loaded = ModelAlignment.load(tmp_path / "saved", models)
+    assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {torch.float64}
+    assert_same_state(alignment, loaded)
+
+
 def test_the_saved_architecture_is_readable(tmp_path) -> None:
     alignment = perturbed_alignment(tiny_models())
     alignment.save(tmp_path / "saved")

@@ -325,6 +325,7 @@ class ModelAlignment(nn.Module):
             "sites": self.sites,
             "widths": self.widths,
             "architectures": {name: model_architecture(adapter, self.sites[name]) for name, adapter in self.models.items()},
+            "weights": {name: weight_fingerprint(adapter.model) for name, adapter in self.models.items()},
             "subspace_dim": self.subspace_dim,
             "alignment": self.alignment_kind,
             "alignment_options": self.alignment_options,
@@ -371,6 +372,8 @@ class ModelAlignment(nn.Module):
                 )
             if check_models and "architectures" in meta:  # legacy saves did not record them
                 check_architecture(name, meta["architectures"][name], model_architecture(adapter, site))
+            if check_models and "weights" in meta:  # saves before masalign 0.5 did not record them
+                check_weights(name, meta["weights"][name], weight_fingerprint(adapter.model))
         tensors = saved.tensors(TENSOR_FILE)
         alignment = cls(
             {name: models[name] for name in meta["models"]},
@@ -387,8 +390,13 @@ class ModelAlignment(nn.Module):
                 raise ValueError(f"{tensor_path} holds non-finite values in {key!r}; the save is corrupted")
         for name, a in alignment.alignments.items():
             prefix = f"{name}."
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            # load_state_dict copies into the new map's float32 tensors: a float64 map would lose its last bits.
+            saved_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+            if len(saved_dtypes) == 1:
+                a.to(saved_dtypes.pop())
             try:
-                a.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+                a.load_state_dict(state)
             except RuntimeError as exc:  # missing, extra or reshaped tensors
                 raise ValueError(f"{tensor_path} does not fit the alignment of model {name!r} in {METADATA_FILE}: {exc}") from exc
         return alignment.place_on_site_devices()
@@ -426,6 +434,38 @@ def model_architecture(adapter: ModelAdapter, site: str) -> dict[str, Any]:
         "n_parameters": sum(math.prod(shape) for _, shape in shapes),
         "parameter_fingerprint": hashlib.sha256(json.dumps(shapes).encode()).hexdigest(),
     }
+
+
+def weight_fingerprint(model: nn.Module) -> dict[str, list[float]]:
+    """Each parameter's L1 and L2 norms, accumulated in float32 (bfloat16 weights included), so
+    that a save can tell the models it was made for from others of the same architecture."""
+    l1, l2 = [], []
+    with torch.no_grad():
+        for p in model.parameters():
+            l1.append(float(torch.linalg.vector_norm(p, 1, dtype=torch.float32)))
+            l2.append(float(torch.linalg.vector_norm(p, 2, dtype=torch.float32)))
+    return {"l1": l1, "l2": l2}
+
+
+# A cast of float32 weights to bfloat16 (or float16) moves each weight by at most 2^-9 of itself,
+# so each norm by at most that fraction. Another seed's weights, or another model's, move the norms
+# of small tensors (biases, norms' scales) by far more.
+_WEIGHT_TOLERANCE = 2.0**-8
+
+
+def check_weights(name: str, saved: Mapping[str, list[float]], current: Mapping[str, list[float]]) -> None:
+    if len(saved["l2"]) != len(current["l2"]):
+        return  # check_architecture has said what differs
+    for index, (l1_then, l1_now, l2_then, l2_now) in enumerate(zip(saved["l1"], current["l1"], saved["l2"], current["l2"])):
+        if abs(l1_then - l1_now) > _WEIGHT_TOLERANCE * max(l1_then, l1_now) or abs(l2_then - l2_now) > _WEIGHT_TOLERANCE * max(
+            l2_then, l2_now
+        ):
+            raise ValueError(
+                f"model {name!r} does not have the weights the alignment was saved with (parameter tensor {index}: "
+                f"L2 norm {l2_then:.6g} then, {l2_now:.6g} now). Are the models given under the right names? Pass "
+                "check_models=False to ModelAlignment.load to use the alignment on these weights anyway (a fine-tuned "
+                "model, say)"
+            )
 
 
 def check_architecture(name: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
