@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from masalign import TorchModuleAdapter
-from masalign.models import RecurrentConfig, load_model, save_model, train_lm
+from masalign.models import RecurrentConfig, TransformerConfig, load_model, save_model, train_lm
 
 
 def test_lstm_trains_saves_and_loads(small_task, tmp_path) -> None:
@@ -44,3 +44,28 @@ def test_a_checkpoint_of_another_training_is_not_resumed(small_task, tmp_path) -
     train_lm(small_task, config, seed=1, steps=5, lr=1e-2, target_accuracy=2.0, checkpoint=tmp_path / "run", checkpoint_every=2)
     with pytest.raises(ValueError, match="other lr, seed.*delete it to start over"):
         train_lm(small_task, config, seed=2, steps=5, lr=3e-3, target_accuracy=2.0, checkpoint=tmp_path / "run")
+
+
+def test_a_checkpoint_of_another_config_with_the_same_shapes_is_not_resumed(small_task, tmp_path) -> None:
+    """A transformer's context length changes no parameter shape (rotary positions): the checkpoint
+    records the config itself, so the shapes are not all that is compared."""
+    settings = dict(seed=0, steps=5, batch_size=8, target_accuracy=2.0, checkpoint=tmp_path / "run")
+    train_lm(small_task, TransformerConfig(d_model=16, n_ctx=96), **settings, checkpoint_every=2)
+    with pytest.raises(ValueError, match=r"other config \(config: 'TransformerConfig\(.*n_ctx=96.*' there, 'TransformerConfig\(.*n_ctx=32"):
+        train_lm(small_task, TransformerConfig(d_model=16, n_ctx=32), **settings)
+    train_lm(small_task, TransformerConfig(d_model=16, n_ctx=96), **settings)  # the same config resumes
+
+
+def test_loading_and_training_leave_the_callers_random_state_alone(small_task, tmp_path) -> None:
+    config = RecurrentConfig("gru", hidden_size=16, embedding_size=8)
+    model, _ = train_lm(small_task, config, seed=1, steps=2, target_accuracy=2.0)
+    save_model(model, tmp_path / "gru")
+    for load in (lambda: load_model(tmp_path / "gru"), lambda: train_lm(small_task, config, seed=1, steps=2, target_accuracy=2.0)):
+        draws = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            load()
+            draws.append(torch.rand(3))
+        assert not torch.equal(draws[0], draws[1])
+        torch.manual_seed(2)
+        assert torch.equal(torch.rand(3), draws[1])

@@ -141,9 +141,33 @@ def train_lm(
     ``checkpoint``: a folder where the model, the optimiser and the step are saved
     every ``checkpoint_every`` steps; a run that finds one there resumes from it and
     ends exactly where an uninterrupted run would (batches are seeded by step).
-    ``log`` receives a progress line at every check.
+    ``log`` receives a progress line at every check. The caller's torch random state is
+    left as it was.
     """
+    with torch.random.fork_rng():  # training seeds torch; the caller's random state is left alone
+        return _train_lm(task, config, seed, steps, batch_size, lr, target_accuracy, check_every, model, check_split,
+                         checkpoint, checkpoint_every, log)
+
+
+def _train_lm(
+    task: NumericTask | ArithmeticTask,
+    config: ModelConfig,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    target_accuracy: float,
+    check_every: int,
+    model: nn.Module | None,
+    check_split: str,
+    checkpoint: str | Path | None,
+    checkpoint_every: int,
+    log: Callable[[str], Any] | None,
+) -> tuple[nn.Module, TrainingSummary]:
     torch.manual_seed(seed)
+    # What a checkpoint must have been written with to be resumed by this call: the config a
+    # model is built from, or the class of the model given.
+    model_settings = repr(config) if model is None else type(model).__name__
     model = build_model(config, seed) if model is None else model
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -153,8 +177,7 @@ def train_lm(
     check_split = check_split if has_splits else "fresh"
     start = time.perf_counter()
     loss_value, accuracy, step, first_step, seconds_before = float("nan"), 0.0, 0, 1, 0.0
-    # What a checkpoint must have been written with to be resumed by this call.
-    settings = {"task": repr(task), "config": repr(config) if model is None else type(model).__name__, "seed": seed,
+    settings = {"task": repr(task), "config": model_settings, "seed": seed,
                 "steps": steps, "batch_size": batch_size, "lr": lr}
     if checkpoint is not None and (Path(checkpoint) / CHECKPOINT_FILES[0]).is_file():
         first_step, seconds_before = _resume(Path(checkpoint), model, optimizer, scheduler, settings)
@@ -212,7 +235,8 @@ def _resume(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sc
     if differ:  # resuming another run's state would give a model no single run produces
         raise ValueError(
             f"the checkpoint in {folder} was written by a training with other {', '.join(differ)} "
-            f"({', '.join(f'{k}={written_with.get(k)!r}' for k in differ)}); delete it to start over, or pass the same settings"
+            f"({'; '.join(f'{k}: {written_with.get(k)!r} there, {settings[k]!r} here' for k in differ)}); delete it to "
+            "start over, or pass the same settings"
         )
     step = int(progress["step"])
     if not 0 < step < settings["steps"]:
@@ -270,7 +294,8 @@ def load_model(folder: str | Path) -> nn.Module:
         config: ModelConfig = config_class(**fields)
     except TypeError as exc:  # unknown architecture or fields
         raise ValueError(f"{Path(folder) / 'config.json'} is not a reference model's config ({exc})") from exc
-    model = build_model(config)
+    with torch.random.fork_rng(devices=[]):  # building seeds torch; a load must leave the caller's random state alone
+        model = build_model(config)
     try:
         model.load_state_dict(saved.tensors("model.safetensors"))
     except RuntimeError as exc:  # missing, extra or reshaped tensors
