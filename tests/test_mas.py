@@ -96,6 +96,7 @@ def test_ctrl_c_keeps_the_best_state(adapters, pairs, monkeypatch) -> None:
     monkeypatch.setattr(torch.optim.Adam, "step", step_then_interrupt)
     result = fit(alignment, pairs["train"], pairs["valid"].subset(slice(0, 64)), steps=50, eval_every=2, lr=1e-2, progress=False)
     assert result.stop_reason == "interrupted"
+    assert result.steps == 4  # the steps completed, not the one interrupted
     def mean_accuracy(entry):
         values = [v for row in entry["valid_accuracy"]["count"].values() for v in row.values()]
         return sum(values) / len(values)

@@ -624,12 +624,12 @@ def fit(
         try:
             reason = validate(0)
             while reason is None and step < steps:
-                step += 1
                 batch = sampler.next()
                 _read_ahead((train_cache, train_prefix), sampler)
                 step_loss = _training_step(
-                    alignment, optimizer, train_data, train_cache, directions, batch, latent, step, train_prefix
+                    alignment, optimizer, train_data, train_cache, directions, batch, latent, step + 1, train_prefix
                 )
+                step += 1  # only once the step is done: an interrupt inside it reports the steps completed
                 bar.update(1)
                 bar.set_description(f"MAS fit (loss {step_loss:.3f})", refresh=False)
                 if step % eval_every == 0 or step == steps:
