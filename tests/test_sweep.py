@@ -117,3 +117,42 @@ def test_the_sweeps_own_memo_forgets_reads_of_models_it_will_not_see_again(pairs
     iia_by_subspace_dim(fresh_models, [2, 3, 4], *pairs, fit_options=OPTIONS)
     assert len(memos) == 1 and memos[0].hits == 0
     assert len(sizes) == 2 and all(size > 0 for size in sizes)  # cleared before k = 3 and k = 4
+
+
+@pytest.fixture(scope="module")
+def gru() -> dict[str, TorchModuleAdapter]:
+    torch.manual_seed(0)
+    return {"A": TorchModuleAdapter(RecurrentLM(RecurrentConfig(hidden_size=16, embedding_size=8)), name="A")}
+
+
+def test_a_size_given_twice_is_refused(gru, pairs) -> None:
+    with pytest.raises(ValueError, match="subspace_dims lists a size more than once: 2"):
+        iia_by_subspace_dim(lambda k: ModelAlignment(gru, "rnn.h_l0", k), [2, 4, 2], *pairs, fit_options=OPTIONS)
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        (lambda gru, pairs: iia_by_subspace_dim(lambda k: ModelAlignment(gru, "rnn.h_l0", 3), [2], *pairs, fit_options=OPTIONS),
+         r"build\(2\) returned an alignment with subspace_dim \{'count': 3\}"),
+        (lambda gru, pairs: iia_by_subspace_dim(lambda k: None, [2], *pairs, fit_options=OPTIONS),
+         "build.2. returned NoneType; it must return a ModelAlignment"),
+    ],
+    ids=["ignores-k", "returns-nothing"],
+)
+def test_a_build_that_does_not_make_the_setting_is_refused(gru, pairs, sweep, message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        sweep(gru, pairs)
+
+
+def test_a_site_sweep_whose_build_ignores_the_site_is_refused(transformers, pairs) -> None:
+    with pytest.raises(ValueError, match=r"build\('blocks.1.hook_resid_post'\) returned an alignment at sites \{'A': 'blocks.0"):
+        iia_by_site(lambda site: ModelAlignment({"A": transformers["A"]}, BLOCKS[0], 4), BLOCKS, *pairs, fit_options=OPTIONS)
+    with pytest.raises(ValueError, match=r"build\(\{'A': 'blocks.1.hook_resid_post'\}\) returned"):
+        iia_by_site(lambda sites: ModelAlignment(transformers, BLOCKS[0], 4), [{"A": BLOCKS[1]}], *pairs, fit_options=OPTIONS)
+
+
+def test_a_site_swept_in_one_model_against_a_fixed_site_in_the_other(transformers, pairs) -> None:
+    build = lambda site: ModelAlignment(transformers, {"A": site, "B": BLOCKS[0]}, 4, seed=0)  # noqa: E731
+    reports = iia_by_site(build, BLOCKS, *pairs, fit_options={**OPTIONS, "steps": 1})
+    assert [r.extra["sites"] for r in reports.values()] == [{"A": b, "B": BLOCKS[0]} for b in BLOCKS]

@@ -61,6 +61,8 @@ def iia_by_subspace_dim(
     for k in sizes:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"every subspace size must be a positive integer; got {k!r} in {sizes}")
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"subspace_dims lists a size more than once: {[k for k in sizes if sizes.count(k) > 1][0]}")
     return _sweep(build, sizes, sizes, train, valid, test, fit_options, ceiling_data, directions, progress, memo)
 
 
@@ -133,6 +135,7 @@ def _sweep(
     reports: dict[Key, IIAReport] = {}
     for setting, key in zip(settings, keys, strict=True):
         alignment = build(setting)
+        _check_built(alignment, setting)
         models_now = sorted(id(adapter) for adapter in alignment.models.values())
         if own_memo and models_before is not None and models_now != models_before:
             memo.clear()  # other model objects: nothing read so far can be reused, only held
@@ -145,3 +148,25 @@ def _sweep(
         if progress is not None:
             progress(setting, report)
     return reports
+
+
+def _check_built(alignment: Any, setting: Setting) -> None:
+    """``build(setting)`` made what ``setting`` asks for: its report is filed under that setting."""
+    if not isinstance(alignment, ModelAlignment):
+        raise TypeError(f"build({setting!r}) returned {type(alignment).__name__}; it must return a ModelAlignment")
+    if isinstance(setting, int):
+        if setting not in alignment.subspace_dim.values() and alignment.n_aligned != setting:
+            raise ValueError(
+                f"build({setting}) returned an alignment with subspace_dim {alignment.subspace_dim}; build(k) must "
+                "use its argument as the subspace size, e.g. lambda k: ModelAlignment(models, site, k)"
+            )
+        return
+    # One site name may be swept in one model against fixed sites in the others: some model must be there.
+    placed = setting in alignment.sites.values() if isinstance(setting, str) else all(
+        alignment.sites.get(name) == site for name, site in setting.items()
+    )
+    if not placed:
+        raise ValueError(
+            f"build({setting!r}) returned an alignment at sites {alignment.sites}; build(sites) must place the "
+            "alignment at its argument, e.g. lambda site: ModelAlignment(models, site, 8)"
+        )
