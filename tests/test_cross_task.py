@@ -43,3 +43,6 @@ def test_cross_task_pairs_explain_what_they_cannot_do() -> None:
         cross_task_pairs({"counter": TASKS["counter"]}, 10)
     with pytest.raises(ValueError, match="could match only"):
         cross_task_pairs(TASKS, 5000, max_draws=1)
+    for max_draws in (0, -1):
+        with pytest.raises(ValueError, match=f"max_draws must be a positive integer .*got {max_draws}"):
+            cross_task_pairs(TASKS, 10, max_draws=max_draws)

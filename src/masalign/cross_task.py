@@ -56,6 +56,8 @@ def cross_task_pairs(
         raise ValueError(f"cross-task pairs need at least two models' tasks, got {list(tasks)}")
     if n_pairs <= 0:
         raise ValueError(f"n_pairs must be positive, got {n_pairs}")
+    if isinstance(max_draws, bool) or not isinstance(max_draws, int) or max_draws < 1:
+        raise ValueError(f"max_draws must be a positive integer (how many batches of pairs to draw), got {max_draws!r}")
     rng = random.Random(seed)
     pools: dict[str, list[CounterfactualPairs]] = {name: [] for name in tasks}
     by_value: dict[str, dict[int, list[tuple[int, int]]]] = {name: {} for name in tasks}
