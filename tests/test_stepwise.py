@@ -19,7 +19,7 @@ from masalign import CounterfactualPairs, ModelAlignment, TorchModuleAdapter, fi
 from masalign.adapters.base import EMPTY_SLOT
 from masalign.data import IGNORE_INDEX, prefix_positions
 from masalign.models import RecurrentConfig, RecurrentLM
-from masalign.tasks import D0, D1, D2, NumericTask
+from masalign.tasks import D0, D1, D2, EOS, TRIGGER, NumericTask
 
 RAGGED = torch.tensor([[1, 5, EMPTY_SLOT], [7, 0, 2], [3, EMPTY_SLOT, EMPTY_SLOT]])
 
@@ -156,3 +156,29 @@ def test_the_mod_and_round_tasks_follow_the_reference_causal_model() -> None:
         assert len(pairs) == 64
     with pytest.raises(ValueError, match="not both"):
         NumericTask("x", (D0,), modulus=4, round_to=3)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"demo_tokens": ()}, "demo_tokens is empty"),
+        ({"demo_tokens": (D0, TRIGGER)}, r"demo token 2 is not allowed; use D0, D1, D2 or R"),
+        ({"demo_tokens": (0,)}, "demo token 0 is not allowed"),
+        ({"response_token": EOS}, "response token 3 is not allowed"),
+        ({"max_count": 0}, "max_count must be a positive integer, got 0"),
+        ({"max_count": 3, "held_out_counts": (1, 2, 3)}, r"leave no count 1..3 to train on"),
+        ({"max_count": 8}, r"held_out_counts \[9, 14, 17\] are outside 1..8"),
+    ],
+)
+def test_a_task_that_would_give_wrong_sequences_is_refused(fields, message: str) -> None:
+    """A trigger among the demo tokens would end the demo phase early without an error; the others
+    would fail at sampling without saying why."""
+    with pytest.raises(ValueError, match=message):
+        NumericTask("x", **{"demo_tokens": (D0,), **fields})
+
+
+def test_a_task_without_held_out_counts_says_so_when_asked_for_them() -> None:
+    task = NumericTask("x", (D0,), max_count=5, held_out_counts=())
+    assert len(task.sample(4, seed=0, split="train").inputs) == 4
+    with pytest.raises(ValueError, match="no held-out counts"):
+        task.sample(4, seed=0, split="held_out")

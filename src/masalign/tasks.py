@@ -68,6 +68,24 @@ class NumericTask:
     void_p: float = 0.0  # probability that a demo-phase token is the non-counting void token V
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_count, bool) or not isinstance(self.max_count, int) or self.max_count < 1:
+            raise ValueError(f"{self.name}: max_count must be a positive integer, got {self.max_count!r}")
+        # B, T, E, PAD and V have their own roles in a sequence; a demo or response token must not be one.
+        reserved = {PAD: "PAD", BOS: "B", TRIGGER: "T", EOS: "E", VOID: "V"}
+        tokens = tuple(self.demo_tokens)
+        if not tokens:
+            raise ValueError(f"{self.name}: demo_tokens is empty; give at least one of D0, D1, D2 or R ({D0}, {D1}, {D2}, {RESPONSE})")
+        for role, token in [*(("demo token", t) for t in tokens), ("response token", self.response_token)]:
+            if isinstance(token, bool) or not isinstance(token, int) or token in reserved or not 0 <= token < len(VOCAB):
+                raise ValueError(
+                    f"{self.name}: {role} {token!r} is not allowed; use D0, D1, D2 or R ({D0}, {D1}, {D2}, {RESPONSE}), "
+                    f"not {', '.join(f'{name} ({t})' for t, name in reserved.items())}"
+                )
+        outside = [n for n in self.held_out_counts if not (isinstance(n, int) and 1 <= n <= self.max_count)]
+        if outside:
+            raise ValueError(f"{self.name}: held_out_counts {outside} are outside 1..{self.max_count}")
+        if not set(range(1, self.max_count + 1)) - set(self.held_out_counts):
+            raise ValueError(f"{self.name}: held_out_counts {self.held_out_counts} leave no count 1..{self.max_count} to train on")
         if isinstance(self.void_p, bool) or not isinstance(self.void_p, (int, float)) or not 0 <= self.void_p < 1:
             raise ValueError(f"{self.name}: void_p must be a probability in [0, 1), got {self.void_p!r}")
         if self.modulus is not None and self.round_to is not None:
@@ -106,6 +124,8 @@ class NumericTask:
         if split == "train":
             return [n for n in every if n not in self.held_out_counts]
         if split == "held_out":
+            if not self.held_out_counts:
+                raise ValueError(f"{self.name} has no held-out counts (held_out_counts=()); use split='train' or 'all'")
             return list(self.held_out_counts)
         if split == "all":
             return every
