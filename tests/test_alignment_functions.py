@@ -247,6 +247,13 @@ def test_fit_standardization_checks_its_input() -> None:
     h = torch.randn(10, 2, 3)
     a.fit_standardization(h)
     assert torch.allclose(a.mean, h.reshape(-1, 3).mean(0)) and torch.allclose(a.std, h.reshape(-1, 3).std(0))
+    h[3, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"mean is not finite at features \[2\]: the activations .* hold NaN"):
+        a.fit_standardization(h)
+    with pytest.raises(ValueError, match=r"std is negative at features \[0\]"):
+        a.set_standardization(torch.zeros(3), torch.tensor([-1.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match=r"std is not finite at features \[1\]"):
+        a.set_standardization(torch.zeros(3), torch.tensor([1.0, float("inf"), 1.0]))
 
 
 def test_the_orthogonal_parametrizations_match_their_dense_definitions() -> None:

@@ -92,6 +92,15 @@ class AlignmentFunction(nn.Module, metaclass=ABCMeta):
         """Use per-feature ``mean`` and ``std`` (each ``(width,)``) of the model's activations."""
         if mean.shape != (self.width,) or std.shape != (self.width,):
             raise ValueError(f"mean and std must have shape ({self.width},); got {tuple(mean.shape)} and {tuple(std.shape)}")
+        for name, values in (("mean", mean), ("std", std)):
+            bad = (~torch.isfinite(values)).nonzero().flatten()
+            if len(bad):
+                raise ValueError(
+                    f"the standardisation's {name} is not finite at features {bad[:8].tolist()}: the activations it was "
+                    "computed from hold NaN or inf"
+                )
+        if bool((std < 0).any()):
+            raise ValueError(f"the standardisation's std is negative at features {(std < 0).nonzero().flatten()[:8].tolist()}")
         # Copies: the map must not share memory with the caller's tensors (nor two maps with one).
         self.mean = mean.detach().to(self.mean, copy=True)
         self.std = std.detach().clamp(min=min_std).to(self.std, copy=True)
