@@ -245,6 +245,34 @@ def test_a_token_across_the_answer_boundary_is_refused() -> None:
         counting(1, 20).counterfactual_views({"merged": merged}, 3)
 
 
+def byte_level_tokenizer(trim_offsets: bool) -> PreTrainedTokenizerFast:
+    """Digits and bytes one token each; with ``trim_offsets`` a space token's span is empty."""
+    vocab = {piece: i for i, piece in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
+    return _fast(tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def test_a_space_token_with_an_empty_span_stays_in_the_answer() -> None:
+    """Trimmed offsets give the space before the answer's digits an empty span; it is still the
+    answer's first token, labelled at the prompt's last token, as with untrimmed offsets."""
+    tokenizers = {f"trim_{trim}": byte_level_tokenizer(trim) for trim in (False, True)}
+    assert tokenizers["trim_True"]("3, 4", return_offsets_mapping=True)["offset_mapping"][2] == (3, 3)
+    views = counting(1, 9, 3, 3).counterfactual_views(tokenizers, 6, seed=0, position="answer")
+    untrimmed, trimmed = views["trim_False"], views["trim_True"]
+    assert torch.equal(trimmed.base_positions, untrimmed.base_positions) and trimmed.base_positions.shape[1] == 3
+    assert torch.equal(trimmed.labels, untrimmed.labels) and torch.equal(trimmed.source_positions, untrimmed.source_positions)
+    tok = tokenizers["trim_True"]
+    for i in range(6):
+        first = int(trimmed.base_positions[i, 0])
+        assert token_at(tok, trimmed.base_inputs, i, first) == ","
+        assert tok.convert_ids_to_tokens(int(trimmed.labels[i, first])) == "Ġ"
+
+
 def test_bad_arguments(tokenizers) -> None:
     with pytest.raises(ValueError, match="does not fit"):
         counting(1, 5, 3, 6)

@@ -404,6 +404,7 @@ def _split_tokens(tokenizer: Any, text: Rendered, model_name: str) -> tuple[list
             )
         if first_answer is None and start >= boundary and end > start:
             first_answer = index
+    first_answer = _whitespace_tokens_placed(tokenizer, text.prompt, ids, offsets, first_answer)
     if first_answer is None:
         raise ValueError(f"{model_name}: the answer {text.answer!r} of {text.prompt!r} has no tokens")
     answer_end = max(i for i, span in enumerate(offsets) if span is not None) + 1  # trailing specials (EOS) dropped
@@ -415,6 +416,30 @@ def _split_tokens(tokenizer: Any, text: Rendered, model_name: str) -> tuple[list
             "choose values its vocabulary holds"
         )
     return ids, first_answer, answer_end - first_answer, offsets
+
+
+def _whitespace_tokens_placed(
+    tokenizer: Any, prompt: str, ids: Sequence[int], offsets: Sequence[tuple[int, int] | None], first_answer: int | None
+) -> int | None:
+    """The answer's first token, where tokens with an empty span lie before the one found by span.
+
+    A tokenizer that trims whitespace out of its offsets (a byte-level one with ``trim_offsets``)
+    gives a token that is only a space an empty span, so spans cannot say whether the space
+    before the answer's first word is the prompt's or the answer's. The prompt tokenized alone
+    says: its tokens are the prompt's."""
+    before = first_answer if first_answer is not None else len(ids)
+    empty = before
+    while empty > 0 and offsets[empty - 1] is not None and offsets[empty - 1][0] == offsets[empty - 1][1]:  # type: ignore[index]
+        empty -= 1
+    if empty == before:
+        return first_answer
+    encoding = tokenizer(prompt, return_special_tokens_mask=True)
+    prompt_ids, special = list(encoding["input_ids"]), list(encoding["special_tokens_mask"])
+    while prompt_ids and special[-1]:  # an end-of-sequence token the tokenizer appends
+        prompt_ids, special = prompt_ids[:-1], special[:-1]
+    if empty <= len(prompt_ids) <= before and list(ids[: len(prompt_ids)]) == prompt_ids:
+        return len(prompt_ids) if len(prompt_ids) < len(ids) else first_answer
+    return first_answer
 
 
 def _token_at(
