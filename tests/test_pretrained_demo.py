@@ -21,6 +21,7 @@ from masalign.cli import main as cli_main
 pytest.importorskip("gguf")
 from gguf_fixtures import write_tiny_llama_gguf  # noqa: E402
 
+import masalign.pretrained  # noqa: E402
 from masalign import pretrained_demo  # noqa: E402
 from masalign.pretrained import gguf_to_hf_folder, load_pretrained  # noqa: E402
 
@@ -36,8 +37,16 @@ def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_pretrained_demo_writes_the_report_the_sweep_and_a_loadable_alignment(tiny_folders, tmp_path, monkeypatch) -> None:
     torch.set_num_threads(1)
+    # smollm2 by its name, as the real demo has it: converted into --cache (here: the tiny folder)
+    conversions = []
+
+    def pretrained_folder(name, out_folder=None, **kwargs):
+        conversions.append((name, out_folder))
+        return tiny_folders["smollm2"]
+
+    monkeypatch.setattr(masalign.pretrained, "pretrained_folder", pretrained_folder)
     monkeypatch.setattr(pretrained_demo, "DEMO_LMS", {
-        "smollm2": pretrained_demo.DemoModel(str(tiny_folders["smollm2"]), "transformer_lens", "blocks.{layer}.hook_resid_post", 2, (0, 1)),
+        "smollm2": pretrained_demo.DemoModel("smollm2-135m", "transformer_lens", "blocks.{layer}.hook_resid_post", 2, (0, 1)),
         "gemma3": pretrained_demo.DemoModel(str(tiny_folders["gemma3"]), "nnsight", "model.layers.{layer}.output", 2, (1,)),
     })
     out = tmp_path / "out"
@@ -48,7 +57,9 @@ def test_pretrained_demo_writes_the_report_the_sweep_and_a_loadable_alignment(ti
         "--lm-position", "item_last", "--lm-low", "1", "--lm-high", "20",
     ]
     assert cli_main(arguments) == 0
+    assert conversions == [("smollm2-135m", tmp_path / "cache" / "pretrained" / "smollm2-135m")]
     report = json.loads((out / "report.json").read_text())
+    assert report["parametrization"] == "householder" and report["device"] == "cpu"
     assert report["pair"] == "pretrained-lm" and report["models"] == ["smollm2", "gemma3"]
     assert report["positions"] == ["item_last"]
     for key in ("iia", "floor", "iia_token", "floor_token"):

@@ -191,6 +191,34 @@ NUMERIC_DEFAULTS = {
 }
 
 
+# Flags that only one kind of pair reads, and their defaults there: given to the other kind
+# they would be ignored without a word, so they are refused.
+PRETRAINED_ONLY = {
+    "sweep_steps": 30, "layers_smollm2": None, "layers_gemma3": None, "lm_low": 10, "lm_high": 98, "lm_position": ["answer"],
+}
+NUMERIC_ONLY = {"task": "multi_object", "protocol": None, "transformer_site": None}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_pair_flags(args: argparse.Namespace) -> str | None:
+    """A flag given for the other kind of pair, or ``None``; then fills in the pair's own flags' defaults."""
+    pretrained = args.pair == PRETRAINED_PAIR
+    foreign = NUMERIC_ONLY if pretrained else PRETRAINED_ONLY
+    given = [flag(name) for name in foreign if getattr(args, name) is not None]
+    if given:
+        applies = "the numeric pairs" if pretrained else f"--pair {PRETRAINED_PAIR}"
+        return f"{', '.join(given)} applies to {applies} only, not to --pair {args.pair}"
+    if args.transformer_site is not None and args.pair != "gru-transformer":
+        return f"--transformer-site applies to --pair gru-transformer only, not to --pair {args.pair}"
+    for name, value in (PRETRAINED_ONLY if pretrained else NUMERIC_ONLY).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return None
+
+
 def apply_pair_defaults(args: argparse.Namespace) -> None:
     defaults = PRETRAINED_DEFAULTS if args.pair == PRETRAINED_PAIR else NUMERIC_DEFAULTS
     for name, value in defaults.items():
@@ -214,18 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="align two GRU seeds on the numeric task and report IIA")
     demo.add_argument("--out", default="demo_out", help="folder for report.json, iia.png and the alignment")
-    demo.add_argument("--task", default="multi_object", choices=sorted(TASKS))
+    demo.add_argument("--task", default=None, choices=sorted(TASKS), help="numeric pairs: the task (default multi_object)")
     demo.add_argument(
         "--pair", default="gru-gru", choices=[*sorted(DEMO_PAIRS), PRETRAINED_PAIR],
         help="which two models to align: two GRU seeds, a GRU and a transformer, a GRU and an LSTM, or SmolLM2-135M and Gemma-3-270M",
     )
-    demo.add_argument("--sweep-steps", type=positive_int, default=30, help="pretrained-lm: steps of each layer-sweep fit")
+    demo.add_argument("--sweep-steps", type=positive_int, default=None, help="pretrained-lm: steps of each layer-sweep fit (default 30)")
     demo.add_argument("--layers-smollm2", type=int, nargs="+", default=None, help="pretrained-lm: SmolLM2 layers to sweep")
     demo.add_argument("--layers-gemma3", type=int, nargs="+", default=None, help="pretrained-lm: Gemma-3 layers to sweep")
-    demo.add_argument("--lm-low", type=positive_int, default=10, help="pretrained-lm: smallest number in the counting runs")
-    demo.add_argument("--lm-high", type=positive_int, default=98, help="pretrained-lm: largest number in the counting runs")
+    demo.add_argument("--lm-low", type=positive_int, default=None, help="pretrained-lm: smallest number in the counting runs (default 10)")
+    demo.add_argument("--lm-high", type=positive_int, default=None, help="pretrained-lm: largest number in the counting runs (default 98)")
     demo.add_argument(
-        "--lm-position", nargs="+", default=["answer"], choices=["answer", "item_last", "item_first", "separator"],
+        "--lm-position", nargs="+", default=None, choices=["answer", "item_last", "item_first", "separator"],
         help="pretrained-lm: the token(s) intervened on in each tokenisation (masalign.lm_tasks anchors): every "
         "position that predicts an answer token (default; answers of one length, e.g. 10..98), the last number's last "
         "digit, its first digit, or the comma after it",
@@ -257,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         "--device", default="cpu",
         help="where the models run: cpu (default; the README's numbers), cuda or cuda:N (the alignment maps follow)",
     )
-    demo.add_argument("--cache", default=str(default_cache()), help="where trained reference models are kept")
+    demo.add_argument(
+        "--cache", default=str(default_cache()),
+        help="where trained reference models and converted pretrained models are kept (default $MASALIGN_CACHE or ~/.cache/masalign)",
+    )
     demo.add_argument("--quiet", action="store_true")
     demo.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     convert = commands.add_parser("convert-gguf", help="convert a GGUF file, or smollm2-135m / gemma3-270m, to a Hugging Face folder")
@@ -270,9 +301,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return convert_gguf_command(args.model, args.out, args.overwrite)
     if args.command == "demo":
-        if args.pair == PRETRAINED_PAIR and args.protocol is not None:
-            parser.error("--protocol applies to the numeric pairs; the pretrained-lm demo intervenes where --lm-position says")
+        problem = check_pair_flags(args)
+        if problem is not None:
+            parser.error(problem)
         apply_pair_defaults(args)
+        if args.pair == PRETRAINED_PAIR:
+            from .pretrained_demo import check_arguments
+
+            problem = check_arguments(args)
+            if problem is not None:
+                parser.error(problem)
         run_demo(args)
     return 0
 

@@ -72,8 +72,11 @@ def _mean(values: list[float]) -> float:
 
 def run_pretrained_demo(args: Any, log: Callable[..., None]) -> tuple[dict[str, Any], ModelAlignment, IIAReport, Any]:
     """Run the three stages; returns ``(document, alignment, report, fit_result)`` for the CLI to write."""
+    from pathlib import Path
+
+    from .cli import device_description
     from .lm_tasks import counting
-    from .pretrained import load_pretrained
+    from .pretrained import PRETRAINED, load_pretrained, pretrained_folder
 
     times: dict[str, float] = {}
     started = time.perf_counter()
@@ -81,7 +84,9 @@ def run_pretrained_demo(args: Any, log: Callable[..., None]) -> tuple[dict[str, 
     adapters, tokenizers, info = {}, {}, {}
     for name, model in DEMO_LMS.items():
         t0 = time.perf_counter()
-        adapters[name], tokenizers[name] = load_pretrained(model.pretrained, model.backend, name=name, device=getattr(args, "device", "cpu"))
+        # Conversions live under --cache, as the numeric demo's trained models do.
+        source = pretrained_folder(model.pretrained, Path(args.cache) / "pretrained" / model.pretrained) if model.pretrained in PRETRAINED else model.pretrained
+        adapters[name], tokenizers[name] = load_pretrained(source, model.backend, name=name, device=getattr(args, "device", "cpu"))
         info[name] = {"pretrained": model.pretrained, "backend": model.backend, "load_seconds": time.perf_counter() - t0}
         log(f"  {name}: {model.pretrained} through {model.backend} ({info[name]['load_seconds']:.0f}s)")
     times["models"] = time.perf_counter() - started
@@ -170,6 +175,7 @@ def run_pretrained_demo(args: Any, log: Callable[..., None]) -> tuple[dict[str, 
         "positions": list(args.lm_position),
         "models": names,
         "subspace_dim": args.subspace_dim,
+        "parametrization": _alignment_options(args)["parametrization"],
         "standardize": True,
         **report.matrices(),
         "fit": result.summary(),
@@ -179,9 +185,27 @@ def run_pretrained_demo(args: Any, log: Callable[..., None]) -> tuple[dict[str, 
         "seeds": {"alignment": args.seed},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "device": str(getattr(args, "device", "cpu")),
+        "device": device_description(getattr(args, "device", "cpu")),
     }
     return document, alignment, report, result
+
+
+def check_arguments(args: Any) -> str | None:
+    """What is wrong with the pretrained-LM demo's own flags, found before minutes of loading; ``None`` if nothing."""
+    if args.lm_low >= args.lm_high:
+        return f"--lm-low {args.lm_low} must be below --lm-high {args.lm_high}"
+    for name, model in DEMO_LMS.items():
+        bad = [layer for layer in args.layers.get(name) or () if not 0 <= layer < model.n_layers]
+        if bad:
+            return f"--layers-{name} {bad}: {model.pretrained} has layers 0..{model.n_layers - 1}"
+    # Both models' tokenizers give every digit its own token, so numbers of two lengths give
+    # answers of two lengths, which the "answer" positions cannot line up.
+    if "answer" in args.lm_position and len(str(args.lm_low)) != len(str(args.lm_high)):
+        return (
+            f"--lm-position answer needs numbers of one length (both tokenizers give each digit a token); "
+            f"{args.lm_low}..{args.lm_high} mixes lengths: use e.g. --lm-low 10 --lm-high 98, or another --lm-position"
+        )
+    return None
 
 
 def plot_layer_sweep(document: dict[str, Any], path: Any) -> Any:
