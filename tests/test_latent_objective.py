@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from masalign import ModelAlignment, TorchModuleAdapter, evaluate, fit
+from masalign.latents import token_fingerprint
 from masalign.train import LatentObjective
 
 
@@ -55,6 +56,18 @@ def test_cl_targets_with_too_few_latents_are_refused_before_training(setting) ->
     objective = LatentObjective([("A", "B")], dataclasses.replace(targets, found=found), train.source_inputs)
     with pytest.raises(ValueError, match="at least 2 train pairs, but 1 of 2000 have one.*larger pool"):
         fit(ModelAlignment(models, "rnn.h_l0", 4), train, valid, latent_objective=objective, steps=1, progress=False)
+
+
+def test_cl_targets_found_in_another_pool_are_refused(setting) -> None:
+    """Rows of another pool of the same size would be read as the latents without any error."""
+    models, train, valid, _, targets = setting
+    assert targets.pool_tokens is not None and len(train.base_inputs) == len(train.source_inputs)
+    objective = LatentObjective([("A", "B")], targets, train.base_inputs)
+    with pytest.raises(ValueError, match="found in another pool than LatentObjective.pool_inputs"):
+        fit(ModelAlignment(models, "rnn.h_l0", 4), train, valid, latent_objective=objective, steps=1, progress=False)
+    per_model = LatentObjective([("A", "B")], targets, {"A": train.base_inputs, "B": train.source_inputs})
+    fit(ModelAlignment(models, "rnn.h_l0", 4), train, valid, latent_objective=per_model, steps=1, progress=False)
+    assert token_fingerprint({"input_ids": train.source_inputs, "attention_mask": None}) == targets.pool_tokens
 
 
 def test_cl_gradients_need_no_target_run(setting, monkeypatch) -> None:

@@ -23,6 +23,7 @@ choosing its directions is the trainer's business, not this module's.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -52,11 +53,14 @@ class LatentTargets:
         found: ``(N,)`` bool: ``False`` where no pool position has the state the
             intervention should produce; ``pool_row`` and ``pool_position`` are 0
             there, so they can still index a tensor, and ``found`` is the mask.
+        pool_tokens: a SHA-256 of the pool's token ids, so that the CL loss can refuse
+            another pool of the same size (``None``: not recorded).
     """
 
     pool_row: Tensor
     pool_position: Tensor
     found: Tensor
+    pool_tokens: str | None = None
 
     def __len__(self) -> int:
         return self.found.shape[0]
@@ -75,8 +79,15 @@ def take_source_state(base_state: Hashable, source_state: Hashable) -> Hashable:
     return source_state
 
 
-def _token_rows(inputs: ModelInputs, what: str) -> list[list[int]]:
-    """Token ids as lists of ints: a tensor, or the ``"input_ids"`` of a mapping."""
+def token_fingerprint(inputs: ModelInputs) -> str:
+    """A SHA-256 of ``(N, T)`` token ids (a tensor, or the ``"input_ids"`` of a mapping) and their shape."""
+    ids = _token_ids(inputs, "pool_inputs")
+    digest = hashlib.sha256(str(tuple(ids.shape)).encode())
+    digest.update(ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _token_ids(inputs: ModelInputs, what: str) -> Tensor:
     if not isinstance(inputs, Tensor):
         if "input_ids" not in inputs:
             raise TypeError(
@@ -85,7 +96,12 @@ def _token_rows(inputs: ModelInputs, what: str) -> list[list[int]]:
         inputs = inputs["input_ids"]
     if inputs.dim() != 2 or inputs.dtype.is_floating_point:
         raise ValueError(f"{what} must be (N, T) integer token ids; got shape {tuple(inputs.shape)} of {inputs.dtype}")
-    return inputs.tolist()
+    return inputs
+
+
+def _token_rows(inputs: ModelInputs, what: str) -> list[list[int]]:
+    """Token ids as lists of ints: a tensor, or the ``"input_ids"`` of a mapping."""
+    return _token_ids(inputs, what).tolist()
 
 
 def find_counterfactual_latents(
@@ -154,7 +170,9 @@ def find_counterfactual_latents(
         if matches:
             pool_row[i], pool_position[i] = matches[rng.randrange(len(matches))]
             found[i] = True
-    return LatentTargets(torch.tensor(pool_row), torch.tensor(pool_position), torch.tensor(found, dtype=torch.bool))
+    return LatentTargets(
+        torch.tensor(pool_row), torch.tensor(pool_position), torch.tensor(found, dtype=torch.bool), token_fingerprint(pool_inputs)
+    )
 
 
 @torch.no_grad()

@@ -248,6 +248,7 @@ def _prepare_latents(
             "give find_counterfactual_latents a larger pool of inputs (one whose examples take the pairs' "
             "counterfactual values)"
         )
+    _check_latent_pool(objective, sorted({target for _, target in directions}), alignment.model_names)
     source_hidden: dict[str, Tensor] = {}
     base_hidden: dict[str, Tensor] = {}
     natural: dict[str, Tensor] = {}
@@ -268,6 +269,23 @@ def _prepare_latents(
         variable, directions, alignment.block(variable), source_hidden, base_hidden, natural,
         objective.targets.found, objective.weight, objective.kind, alignment.keep_complement,
     )
+
+
+def _check_latent_pool(objective: LatentObjective, targets: Sequence[str], model_names: Sequence[str]) -> None:
+    """The targets' rows index the pool they were found in: a pool of the same size but other
+    sequences would read other sequences' activations as the latents, without any error."""
+    from .latents import token_fingerprint
+
+    recorded = objective.targets.pool_tokens
+    if recorded is None:
+        return
+    pools = [_pool_of(objective.pool_inputs, target, model_names) for target in targets]
+    if not any(token_fingerprint(pool) == recorded for pool in pools):
+        raise ValueError(
+            "the CL targets were found in another pool than LatentObjective.pool_inputs (its token ids differ): pass "
+            "the inputs given to find_counterfactual_latents, or to latent_targets (by default the pairs' "
+            "source_inputs)"
+        )
 
 
 def _pool_of(pool_inputs: Any, model: str, model_names: Sequence[str]) -> Any:
