@@ -476,8 +476,9 @@ class _EarlyStopping:
         values = [v for matrix in accuracy.values() for row in matrix.values() for v in row.values()]
         key = (sum(values) / len(values), -loss)
         if key > self.best_key:
-            self.best_key, self.best_step, self.best_loss, self.best_accuracy = key, step, loss, accuracy
+            # The copy first: an interrupt during it leaves the previous best and its step together.
             self.best_state = copy.deepcopy(self.alignment.state_dict())
+            self.best_key, self.best_step, self.best_loss, self.best_accuracy = key, step, loss, accuracy
         if loss < self.loss_to_beat - self.min_delta:
             self.loss_to_beat, self.stale = loss, 0
         else:
