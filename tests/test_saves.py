@@ -357,6 +357,19 @@ def test_an_alignment_loads_onto_its_models_cast_to_bfloat16(tmp_path) -> None:
     assert_same_state(alignment, ModelAlignment.load(tmp_path / "saved", models))
 
 
+def test_a_save_whose_map_settings_would_be_rebuilt_otherwise_is_refused(tmp_path, monkeypatch) -> None:
+    """The SPD map's eps is no tensor: a default changed since the save would load other maps silently."""
+    from masalign.alignment import SymmetricPositiveDefiniteAlignment as SPDAlignment
+
+    models = tiny_models()
+    alignment = ModelAlignment(models, "rnn.h_l0", 4, alignment="spd", seed=3)
+    alignment.save(tmp_path / "saved")
+    assert_same_state(alignment, ModelAlignment.load(tmp_path / "saved", models))
+    monkeypatch.setattr(SPDAlignment, "config", lambda self: {"width": self.width, "n_aligned": self.n_aligned, "eps": 0.5, "init_condition": self.init_condition})
+    with pytest.raises(ValueError, match=r"map of model 'A' was saved with eps=.*rebuilding it .* gives eps=0.5: this masalign cannot rebuild it"):
+        ModelAlignment.load(tmp_path / "saved", models)
+
+
 def test_a_float64_alignment_loads_back_in_float64(tmp_path) -> None:
     models = tiny_models()
     alignment = perturbed_alignment(models).double()

@@ -384,6 +384,17 @@ class ModelAlignment(nn.Module):
             keep_complement=meta["keep_complement"],
             seed=meta["seed"],
         )
+        for name, a in alignment.alignments.items():  # settings that are not tensors, as the save recorded them
+            saved_config = meta.get("alignment_configs", {}).get(name, {})
+            rebuilt = json.loads(json.dumps(a.config()))
+            differ = {key: (value, rebuilt.get(key)) for key, value in saved_config.items() if not _agrees(value, rebuilt.get(key))}
+            if differ:
+                raise ValueError(
+                    f"the map of model {name!r} was saved with "
+                    f"{', '.join(f'{key}={then!r}' for key, (then, _) in differ.items())}, but rebuilding it from "
+                    f"{METADATA_FILE} gives {', '.join(f'{key}={now!r}' for key, (_, now) in differ.items())}: "
+                    "this masalign cannot rebuild it exactly"
+                )
         tensor_path = Path(folder) / TENSOR_FILE
         for key, value in tensors.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
@@ -400,6 +411,14 @@ class ModelAlignment(nn.Module):
             except RuntimeError as exc:  # missing, extra or reshaped tensors
                 raise ValueError(f"{tensor_path} does not fit the alignment of model {name!r} in {METADATA_FILE}: {exc}") from exc
         return alignment.place_on_site_devices()
+
+
+def _agrees(saved: Any, rebuilt: Any) -> bool:
+    """``rebuilt`` has every setting ``saved`` records; a mapping may have more (older saves did not
+    record the settings that were defaults then, which :func:`_options_of_save` names)."""
+    if isinstance(saved, dict) and isinstance(rebuilt, dict):
+        return all(_agrees(value, rebuilt.get(key)) for key, value in saved.items())
+    return saved == rebuilt
 
 
 def _options_of_save(kind: str, options: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Any]:
