@@ -222,6 +222,32 @@ def test_null_variable_labels_the_bases_own_answer(tokenizers) -> None:
 # -- errors ---------------------------------------------------------------------------------------------
 
 
+def test_splits_hold_distinct_pairs(tokenizers) -> None:
+    """Independent draws of a small task repeat most test pairs in training; splits never repeat one."""
+    task = weekdays(2, 4)
+    brute = {(b, s) for b in task._all_runs() for s in task._all_runs() if task.current(b) != task.current(s)}
+    assert task.distinct_pairs() == len(brute) == 378
+    train, test = (set(zip(*task.sample_interchange(n, seed=seed))) for n, seed in ((256, 1), (96, 3)))
+    assert len(train & test) > 40  # what separate counterfactual_views calls give
+    for sizes in ({"train": 256, "test": 96}, {"train": 300, "valid": 30, "test": 48}):  # drawn, or sampled from all
+        splits = task.counterfactual_splits(tokenizers, sizes, seed=2, position="separator")
+        assert {name: len(views["digits"]) for name, views in splits.items()} == sizes
+        seen = set()
+        for views in splits.values():
+            check_views(views)
+            texts = {
+                (text_of(tokenizers["words"], views["words"].base_inputs["input_ids"][i], views["words"].base_inputs["attention_mask"][i]),
+                 text_of(tokenizers["words"], views["words"].source_inputs["input_ids"][i], views["words"].source_inputs["attention_mask"][i]))
+                for i in range(len(views["words"]))
+            }
+            assert len(texts) == len(views["words"]) and not texts & seen
+            seen |= texts
+    with pytest.raises(ValueError, match="weekdays has 378 distinct pairs with different answers; the splits ask for 400"):
+        task.counterfactual_splits(tokenizers, {"train": 300, "test": 100})
+    with pytest.raises(ValueError, match="positive number of pairs"):
+        task.counterfactual_splits(tokenizers, {"train": 0})
+
+
 def test_a_range_the_tokenizer_cannot_express_is_refused(tokenizers) -> None:
     with pytest.raises(ValueError, match="words cannot express"):
         counting(1, 99).counterfactual_views(tokenizers, 50, seed=0)

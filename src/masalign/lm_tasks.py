@@ -243,12 +243,90 @@ class RunTask:
 
         ``variable`` is the task's variable (default) or ``"null"``: the same pairs
         labelled with the base's own answer (an interchange that must change nothing).
+        Pairs are drawn independently of other calls' (and may repeat): for a held-out test
+        split use :meth:`counterfactual_splits`.
         """
+        bases, sources = self.sample_interchange(n_pairs, seed)
+        return self._views(tokenizers, bases, sources, position, variable, padding_side, max_tokens)
+
+    def distinct_pairs(self) -> int:
+        """How many distinct (base, source) pairs with different answers the task has."""
+        per_current: dict[int, int] = {}
+        for run in self._all_runs():
+            per_current[self.current(run)] = per_current.get(self.current(run), 0) + 1
+        total = sum(per_current.values())
+        return total * total - sum(n * n for n in per_current.values())
+
+    def counterfactual_splits(
+        self,
+        tokenizers: Mapping[str, Any],
+        sizes: Mapping[str, int],
+        seed: int = 0,
+        position: str | Sequence[str] = "separator",
+        variable: str | None = None,
+        padding_side: str = "right",
+        max_tokens: int | None = None,
+    ) -> dict[str, dict[str, CounterfactualPairs]]:
+        """Splits of distinct pairs, ``{split: {model_name: CounterfactualPairs}}``: no (base,
+        source) pair occurs twice, within a split or across them, so a test split is held out.
+
+        Separate calls of :meth:`counterfactual_views` draw independently: a small task
+        (weekdays: 378 distinct pairs) then repeats most test pairs in training.
+        ``sizes`` is ``{"train": 512, "valid": 48, "test": 160}``, say; more pairs than
+        :meth:`distinct_pairs` is an error.
+        """
+        if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes.values()):
+            raise ValueError(f"sizes must map each split's name to a positive number of pairs, got {dict(sizes)}")
+        wanted, available = sum(sizes.values()), self.distinct_pairs()
+        if wanted > available:
+            raise ValueError(
+                f"{self.name} has {available} distinct pairs with different answers; the splits ask for {wanted}: "
+                "ask for fewer, or widen the task (more values or run lengths)"
+            )
+        rng = random.Random(seed)
+        if 2 * wanted > available:  # most pairs are wanted: draw from all of them
+            runs = self._all_runs()
+            every = [(b, s) for b in runs for s in runs if self.current(b) != self.current(s)]
+            chosen = rng.sample(every, wanted)
+        else:
+            chosen, seen = [], set()
+            while len(chosen) < wanted:
+                base, source = self.sample_runs(2, rng)
+                if self.current(base) != self.current(source) and (base, source) not in seen:
+                    seen.add((base, source))
+                    chosen.append((base, source))
+        splits, start = {}, 0
+        for name, n in sizes.items():
+            bases, sources = (list(side) for side in zip(*chosen[start : start + n]))
+            splits[name] = self._views(tokenizers, bases, sources, position, variable, padding_side, max_tokens)
+            start += n
+        return splits
+
+    def _all_runs(self) -> list[Run]:
+        """Every run :meth:`sample_runs` can draw."""
+        last_current = len(self.values) - 1 if self.cyclic else len(self.values) - 2
+        runs = []
+        for current in range(last_current + 1):
+            for length in range(self.min_length, self.max_length + 1):
+                start = current - length + 1
+                if start >= 0 or self.cyclic:
+                    runs.append(Run(start % len(self.values) if self.cyclic else start, length))
+        return runs
+
+    def _views(
+        self,
+        tokenizers: Mapping[str, Any],
+        bases: list[Run],
+        sources: list[Run],
+        position: str | Sequence[str],
+        variable: str | None,
+        padding_side: str,
+        max_tokens: int | None,
+    ) -> dict[str, CounterfactualPairs]:
         variable = self.variable if variable is None else variable
         if variable not in (self.variable, "null"):
             raise ValueError(f"{self.name} defines the variables {self.variable!r} and 'null', not {variable!r}")
         anchors = _anchor_names(position)
-        bases, sources = self.sample_interchange(n_pairs, seed)
         answers = [self.counterfactual(b, s) if variable == self.variable else self.run(b) for b, s in zip(bases, sources)]
         base_text = [self.render(b, a) for b, a in zip(bases, answers)]
         source_text = [self.render(s, self.run(s)) for s in sources]
