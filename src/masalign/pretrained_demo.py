@@ -12,7 +12,7 @@ is the current number). Three stages:
    with floor and ceiling: the IIA matrix of the default demo.
 
 The two tokenisers differ, so every stage uses per-model views of the same pairs,
-row for row (:meth:`masalign.lm_tasks.RunTask.counterfactual_views`). The
+row for row, in splits of distinct pairs (:meth:`masalign.lm_tasks.RunTask.counterfactual_splits`). The
 intervened positions are those that predict the answer's tokens (``"answer"``;
 numbers 10..98, so every answer has the same number of tokens), the layers late
 ones where DAS finds the number (``DemoModel.sweep_layers``), and every fit
@@ -94,9 +94,9 @@ def run_pretrained_demo(args: Any, log: Callable[..., None]) -> tuple[dict[str, 
     task = counting(args.lm_low, args.lm_high, 3, 4)
     log(f"[2/5] counting pairs ({args.lm_low}..{args.lm_high}) intervened at {list(args.lm_position)}, per-model views of the same pairs")
     position = tuple(args.lm_position)
-    train = task.counterfactual_views(tokenizers, args.train_pairs, seed=args.seed + 1, position=position)
-    valid = task.counterfactual_views(tokenizers, args.valid_pairs, seed=args.seed + 2, position=position)
-    test = task.counterfactual_views(tokenizers, args.test_pairs, seed=args.seed + 3, position=position)
+    sizes = {"train": args.train_pairs, "valid": args.valid_pairs, "test": args.test_pairs}
+    splits = task.counterfactual_splits(tokenizers, sizes, seed=args.seed + 1, position=position)  # no pair in two splits
+    train, valid, test = splits["train"], splits["valid"], splits["test"]
     ceiling_data = task.evaluation_views(tokenizers, args.test_pairs, seed=args.seed + 4)
     t0 = time.perf_counter()
     ceiling = {name: task_accuracy(adapters[name], ceiling_data[name], batch_size=args.batch_size)[0] for name in adapters}
