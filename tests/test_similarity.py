@@ -596,8 +596,9 @@ def test_clear_errors():
         sim.rdm(np.ones((10, 3)))
     with pytest.raises(ValueError, match="unknown RDM metric"):
         sim.rdm(X, "manhattan")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="alpha must be > 0"):
-        sim.ridge_r2(X, X, alpha=0.0)
+    for alpha in (0.0, math.inf):
+        with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+            sim.ridge_r2(X, X, alpha=alpha)
     with pytest.raises(ValueError, match=r"n_folds must be in \[2, N=10\]; got 11"):
         sim.ridge_r2(X, X, n_folds=11)
     with pytest.raises(ValueError, match="too short for 10 delays"):
@@ -612,6 +613,70 @@ def test_clear_errors():
         sim.DSA(score_method="cosine")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="same size"):
         sim.align_operators(np.eye(3), np.eye(4))
+
+
+@pytest.mark.parametrize("value", [0.1, 1 / 3, 1000.1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_constants_floats_cannot_hold_are_still_constant(value, dtype):
+    """Centring a column of 0.1s leaves rounding noise, not zeros: each measure must still refuse
+    it rather than return a number (5e-33, 0.0, -9e-10 or 1.41 before)."""
+    rng = np.random.default_rng(31)
+    Y = rng.standard_normal((40, 5)).astype(dtype)
+    constant = np.full((40, 6), value, dtype=dtype)
+    for measure in (
+        lambda: sim.linear_cka(constant, Y),
+        lambda: sim.linear_cka(Y, constant, debiased=True),
+        lambda: sim.rbf_cka(constant, Y),
+        lambda: sim.normalized_bures_similarity(constant, Y),
+        lambda: sim.procrustes_distance(Y, constant),
+        lambda: sim.procrustes_angular_distance(constant, Y),
+    ):
+        with pytest.raises(ValueError, match="is constant across samples"):
+            measure()
+    with pytest.raises(ValueError, match="target is constant across samples"):
+        sim.ridge_r2(Y, constant)
+    one_constant_row = Y.copy()
+    one_constant_row[7] = value
+    with pytest.raises(ValueError, match="constant rows; Y has 1 such rows"):
+        sim.rsa(Y, one_constant_row)
+    with pytest.raises(ValueError, match="constant rows; Y has 1 such rows"):
+        sim.compare_all(Y, one_constant_row)
+
+
+@pytest.mark.parametrize("comparison", ["pearson", "spearman", "kendall"])
+@pytest.mark.parametrize("metric", ["euclidean", "correlation"])
+def test_an_rdm_of_equal_dissimilarities_has_no_correlation(metric, comparison):
+    """eye(6): every distance is sqrt(2), which centred on its float mean is noise, not zero."""
+    Y = np.random.default_rng(32).standard_normal((6, 4))
+    with pytest.raises(ValueError, match="all off-diagonal dissimilarities equal"):
+        sim.rsa(np.eye(6), Y, metric=metric, comparison=comparison)
+    with pytest.raises(ValueError, match="all off-diagonal dissimilarities equal"):
+        sim.compare_rdms(torch.as_tensor(Y @ Y.T * 0 + 1 - np.eye(6)), torch.as_tensor(sim.rdm(Y).numpy()), comparison)
+
+
+def test_compare_rdms_refuses_matrices_that_are_not_dissimilarities():
+    rdm = sim.rdm(np.random.default_rng(33).standard_normal((8, 3)), "euclidean")
+    asymmetric = rdm.clone()
+    asymmetric[1, 4] += 1.0
+    with_diagonal = rdm + torch.eye(8)
+    for bad in (asymmetric, with_diagonal):
+        with pytest.raises(ValueError, match="rdm_y is not a dissimilarity matrix .*symmetric with a zero diagonal"):
+            sim.compare_rdms(rdm, bad)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+@pytest.mark.parametrize(("dtype", "scales"), [(np.float32, [1e9, 1e-12, 1e15]), (np.float64, [1e80, 1e-90])])
+def test_linear_cka_is_scale_invariant_where_its_sums_leave_the_float_range(debiased, dtype, scales):
+    """Its sums are fourth powers of the data: 0.0, NaN or a wrong value came back at these scales."""
+    rng = np.random.default_rng(34)
+    X = rng.standard_normal((200, 16))
+    Y = X @ rng.standard_normal((16, 12)) + rng.standard_normal((200, 12))
+    expected = sim.linear_cka(X, Y, debiased=debiased)
+    for scale in scales:
+        got = sim.linear_cka((X * scale).astype(dtype), Y.astype(dtype), debiased=debiased)
+        assert got == pytest.approx(expected, rel=1e-5 if dtype == np.float32 else 1e-12), scale
+        on_torch = sim.linear_cka(torch.as_tensor((X * scale).astype(dtype)).requires_grad_(), torch.as_tensor(Y.astype(dtype)), debiased=debiased)
+        assert on_torch == pytest.approx(expected, rel=1e-5 if dtype == np.float32 else 1e-12), scale
 
 
 # --------------------------------------------------------------------------- #

@@ -58,7 +58,7 @@ from .dsa import (
 )
 from .procrustes import normalized_bures_similarity, procrustes_angular_distance, procrustes_distance
 from .regression import ridge_r2
-from .rsa import RDM_COMPARISONS, RDM_METRICS, RDMComparison, RDMMetric, compare_rdms, rdm, rsa
+from .rsa import RDM_COMPARISONS, RDM_METRICS, RDMComparison, RDMMetric, _rdm, compare_rdms, rdm, rsa
 
 __all__ = [
     "ArrayLike",
@@ -101,7 +101,7 @@ def compare_all(
     DSA needs trajectories and is not included (use :class:`DSA`).
     """
     X, Y = _as_sample_matrices([X, Y], ["X", "Y"], measure="compare_all", min_samples=4)
-    rdm_x, rdm_y = rdm(X, "correlation"), rdm(Y, "correlation")
+    rdm_x, rdm_y = _rdm(X, "correlation", "X"), _rdm(Y, "correlation", "Y")
     nuclear_cosine = normalized_bures_similarity(X, Y)
     cka = linear_cka(X, Y)
     return {

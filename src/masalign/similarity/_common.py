@@ -6,6 +6,7 @@ conventions): one floating dtype, one device, samples as rows, finite values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -103,6 +104,33 @@ def _as_sample_matrices(
     for tensor in tensors[1:]:
         dtype = torch.promote_types(dtype, tensor.dtype)
     return [t.to(dtype) for t in tensors]
+
+
+def _is_constant(X: Tensor) -> bool:
+    """Every row of ``X`` equal, exactly. Centring a constant that floats cannot hold (0.1)
+    leaves rounding noise, not zeros, so this is checked on the input, not after centring.
+    Two rows decide almost every input without a pass over the rest."""
+    if X.shape[0] < 2:
+        return True
+    if not torch.equal(X[0], X[1]):
+        return False
+    return bool((X == X[:1]).all())
+
+
+def _check_not_constant(tensors: Sequence[Tensor], names: Sequence[str], measure: str) -> None:
+    for tensor, name in zip(tensors, names, strict=True):
+        if _is_constant(tensor):
+            raise ValueError(f"{measure} is undefined: {name} is constant across samples (every row is the same)")
+
+
+def _power_of_two_scaled(X: Tensor) -> Tensor:
+    """``X`` times the power of two that brings its largest magnitude near 1: exact (barring
+    subnormals), so every scale-invariant measure is unchanged, and fourth-order sums of it
+    neither overflow nor underflow."""
+    largest = float(X.abs().max())
+    if largest == 0.0 or not math.isfinite(largest):
+        return X
+    return X * 2.0 ** -math.frexp(largest)[1]
 
 
 def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:

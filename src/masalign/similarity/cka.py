@@ -13,7 +13,9 @@ from ._common import (
     _as_sample_matrices,
     _centre_columns,
     _check_finite,
+    _check_not_constant,
     _numpy_view,
+    _power_of_two_scaled,
     _reduce_width,
     _squared_distances,
     _upper_triangle,
@@ -117,7 +119,10 @@ def _cka_ratio(cross: Tensor, self_x: Tensor, self_y: Tensor, measure: str) -> f
                 f"{measure} is undefined: the HSIC of {name} with itself is {float(value):.3g} "
                 f"(constant {name}, or too few samples for the debiased estimator)"
             )
-    return float(cross / torch.sqrt(self_x * self_y))
+    ratio = float(cross / torch.sqrt(self_x * self_y))
+    if not math.isfinite(ratio):
+        raise ValueError(f"{measure} could not be computed in {self_x.dtype} (a sum of fourth powers overflowed)")
+    return ratio
 
 
 def linear_cka(X: ArrayLike, Y: ArrayLike, *, debiased: bool = False) -> float:
@@ -146,34 +151,43 @@ def linear_cka(X: ArrayLike, Y: ArrayLike, *, debiased: bool = False) -> float:
     X, Y = _as_sample_matrices(
         [X, Y], ["X", "Y"], measure="linear_cka", min_samples=n_needed, check_finite=False
     )
+    measure = "debiased linear_cka" if debiased else "linear_cka"
+    _check_not_constant([X, Y], ["X", "Y"], measure)
+    terms = _linear_cka_terms(X, Y, debiased)
+    if not _terms_in_range(terms, X.dtype):
+        # The sums are fourth powers of the data: at extreme scales they overflow or lose
+        # their digits to subnormals. CKA is scale-invariant: scale by powers of two and redo.
+        _check_finite([X, Y], ["linear_cka: X", "linear_cka: Y"])
+        terms = _linear_cka_terms(_power_of_two_scaled(X), _power_of_two_scaled(Y), debiased)
+    return _cka_ratio(*terms, measure)
+
+
+def _terms_in_range(terms: tuple[Tensor, Tensor, Tensor], dtype: torch.dtype) -> bool:
+    """All three sums finite, and the two self terms above the subnormal range of ``dtype``."""
+    smallest = torch.finfo(dtype).tiny / torch.finfo(dtype).eps
+    cross, self_x, self_y = (float(t) for t in terms)
+    return all(math.isfinite(v) for v in (cross, self_x, self_y)) and self_x > smallest and self_y > smallest
+
+
+def _linear_cka_terms(X: Tensor, Y: Tensor, debiased: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(cross, self X, self Y): the HSIC terms of linear CKA, in float64 where numpy computes them."""
     X_np, Y_np = _numpy_view(X), _numpy_view(Y)
     if debiased or X_np is None or Y_np is None:
         _check_finite([X, Y], ["linear_cka: X", "linear_cka: Y"])
-    else:
-        with np.errstate(invalid="ignore", over="ignore"):  # non-finite inputs are reported below
-            cross_np, self_x_np, self_y_np = _linear_cka_terms_numpy(X_np, Y_np)
-        if not all(math.isfinite(v) for v in (cross_np, self_x_np, self_y_np)):
-            # A NaN or inf in X (or Y) makes ||X_c^T X_c||_F (or ||Y_c^T Y_c||_F) non-finite,
-            # through the diagonal (the column sums of squares), so the boundary check
-            # runs only here, saving a pass over the inputs. (Finite values so large that
-            # the products overflow pass it and give NaN, as before.)
-            _check_finite([X, Y], ["linear_cka: X", "linear_cka: Y"])
-        return _cka_ratio(
-            *(torch.tensor(v, dtype=torch.float64) for v in (cross_np, self_x_np, self_y_np)), "linear_cka"
-        )
-    Xc = _reduce_width(_centre_columns(X))
-    Yc = _reduce_width(_centre_columns(Y))
-    if debiased:
-        return _cka_ratio(
-            _linear_unbiased_hsic(Xc, Yc),
-            _linear_unbiased_hsic(Xc, Xc),
-            _linear_unbiased_hsic(Yc, Yc),
-            "debiased linear_cka",
-        )
-    cross = (Yc.T @ Xc).square().sum()
-    self_x = (Xc.T @ Xc).square().sum()
-    self_y = (Yc.T @ Yc).square().sum()
-    return _cka_ratio(cross, self_x, self_y, "linear_cka")
+        Xc = _reduce_width(_centre_columns(X))
+        Yc = _reduce_width(_centre_columns(Y))
+        if debiased:
+            return _linear_unbiased_hsic(Xc, Yc), _linear_unbiased_hsic(Xc, Xc), _linear_unbiased_hsic(Yc, Yc)
+        return (Yc.T @ Xc).square().sum(), (Xc.T @ Xc).square().sum(), (Yc.T @ Yc).square().sum()
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):  # reported by _terms_in_range
+        cross_np, self_x_np, self_y_np = _linear_cka_terms_numpy(X_np, Y_np)
+    if not all(math.isfinite(v) for v in (cross_np, self_x_np, self_y_np)):
+        # A NaN or inf in X (or Y) makes ||X_c^T X_c||_F (or ||Y_c^T Y_c||_F) non-finite,
+        # through the diagonal (the column sums of squares), so the boundary check runs
+        # only here, saving a pass over the inputs; finite values whose products overflow
+        # pass it and are scaled by linear_cka.
+        _check_finite([X, Y], ["linear_cka: X", "linear_cka: Y"])
+    return tuple(torch.tensor(v, dtype=torch.float64) for v in (cross_np, self_x_np, self_y_np))  # type: ignore[return-value]
 
 
 def _median(values: Tensor) -> Tensor:
@@ -216,6 +230,7 @@ def rbf_cka(
         raise ValueError(f"rbf_cka: sigma_fraction must be > 0; got {sigma_fraction}")
     n_needed = 4 if debiased else 2
     X, Y = _as_sample_matrices([X, Y], ["X", "Y"], measure="rbf_cka", min_samples=n_needed)
+    _check_not_constant([X, Y], ["X", "Y"], "debiased rbf_cka" if debiased else "rbf_cka")
     K, L = _rbf_gram(X, sigma_fraction), _rbf_gram(Y, sigma_fraction)
     if debiased:
 

@@ -10,12 +10,13 @@ import math
 
 import torch
 
-from ._common import ArrayLike, _as_sample_matrices, _centre_columns, _reduce_width
+from ._common import ArrayLike, _as_sample_matrices, _centre_columns, _check_not_constant, _reduce_width
 
 
 def _nuclear_cosine(X: ArrayLike, Y: ArrayLike, measure: str) -> float:
     """||X^T Y||_* / (||X||_F ||Y||_F) on column-centred data, in [0, 1]."""
     X, Y = _as_sample_matrices([X, Y], ["X", "Y"], measure=measure, min_samples=2)
+    _check_not_constant([X, Y], ["X", "Y"], measure)  # centring 0.1s leaves rounding noise, not zeros
     Xc = _reduce_width(_centre_columns(X))
     Yc = _reduce_width(_centre_columns(Y))
     norm_x, norm_y = torch.linalg.matrix_norm(Xc), torch.linalg.matrix_norm(Yc)

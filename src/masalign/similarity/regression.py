@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from ._common import ArrayLike, _as_sample_matrices
+from ._common import ArrayLike, _as_sample_matrices, _is_constant
 
 
 def _ridge_fit_predict(X_train: Tensor, Y_train: Tensor, X_test: Tensor, alpha: float) -> Tensor:
@@ -56,8 +58,8 @@ def ridge_r2(
         to rotation and shift of the source; the penalty makes it depend on the
         source's scale (alpha -> 0 approaches ordinary least squares).
     """
-    if not alpha > 0:
-        raise ValueError(f"ridge_r2: alpha must be > 0; got {alpha}")
+    if not 0 < alpha < math.inf:
+        raise ValueError(f"ridge_r2: alpha must be a finite number > 0; got {alpha}")
     source_t, target_t = _as_sample_matrices(
         [source, target], ["source", "target"], measure="ridge_r2", min_samples=3
     )
@@ -65,8 +67,9 @@ def ridge_r2(
     if not 2 <= n_folds <= n_samples:
         raise ValueError(f"ridge_r2: n_folds must be in [2, N={n_samples}]; got {n_folds}")
     total = (target_t - target_t.mean(dim=0)).square().sum()
-    if float(total) == 0.0:
-        raise ValueError("ridge_r2 is undefined: target is constant across samples")
+    # Centring a constant floats cannot hold (0.1) leaves rounding noise: test the input itself.
+    if float(total) == 0.0 or _is_constant(target_t):
+        raise ValueError("ridge_r2 is undefined: target is constant across samples (every row is the same)")
     # A CPU generator makes the folds identical on every device for a given seed.
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_samples, generator=generator).to(source_t.device)

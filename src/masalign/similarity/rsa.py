@@ -46,8 +46,12 @@ def rdm(X: ArrayLike, metric: RDMMetric = "correlation") -> Tensor:
     """
     _check_choice(metric, RDM_METRICS, "RDM metric")
     (X,) = _as_sample_matrices([X], ["X"], measure="rdm", min_samples=2)
+    return _rdm(X, metric, "X")
+
+
+def _rdm(X: Tensor, metric: str, name: str) -> Tensor:
     if metric in ("correlation", "cosine"):
-        unit_rows = _unit_rows(X, metric)
+        unit_rows = _unit_rows(X, metric, name)
         dissimilarity = 1.0 - unit_rows @ unit_rows.T
         dissimilarity = 0.5 * (dissimilarity + dissimilarity.T)
         dissimilarity.fill_diagonal_(0.0)
@@ -57,32 +61,37 @@ def rdm(X: ArrayLike, metric: RDMMetric = "correlation") -> Tensor:
     return _squared_distances(X).sqrt()  # "euclidean"
 
 
-def _unit_rows(X: Tensor | np.ndarray, metric: str) -> Tensor | np.ndarray:
-    """Rows centred (correlation) and scaled to unit norm; raises on degenerate rows."""
+def _unit_rows(X: Tensor | np.ndarray, metric: str, name: str = "X") -> Tensor | np.ndarray:
+    """Rows centred (correlation) and scaled to unit norm; raises on degenerate rows.
+
+    A row is constant when its values are equal, checked on the row itself: centring a
+    constant that floats cannot hold (0.1) leaves rounding noise with a norm above 0."""
     if isinstance(X, np.ndarray):
         rows = X - X.mean(axis=1, keepdims=True) if metric == "correlation" else X
         norms = np.linalg.norm(rows, axis=1)
-        degenerate = int((norms == 0).sum())
+        bad = (norms == 0) | ((X == X[:, :1]).all(axis=1) if metric == "correlation" else False)
     else:
         rows = X - X.mean(dim=1, keepdim=True) if metric == "correlation" else X
         norms = torch.linalg.vector_norm(rows, dim=1)
-        degenerate = int((norms == 0).sum())
+        bad = (norms == 0) | ((X == X[:, :1]).all(dim=1) if metric == "correlation" else False)
+    degenerate = int(bad.sum())
     if degenerate:
         kind = "constant" if metric == "correlation" else "all-zero"
         raise ValueError(
-            f"rdm(metric={metric!r}) is undefined for {kind} rows; X has {degenerate} such rows"
+            f"rdm(metric={metric!r}) is undefined for {kind} rows; {name} has {degenerate} such rows: drop them, "
+            f"or use metric='euclidean'"
         )
     return rows / norms[:, None]
 
 
-def _condensed_rdm_numpy(X: np.ndarray, metric: str) -> np.ndarray:
+def _condensed_rdm_numpy(X: np.ndarray, metric: str, name: str = "X") -> np.ndarray:
     """The upper triangle of rdm(X, metric) (row by row), on CPU through numpy's BLAS.
 
     U U^T and S S^T are symmetric rank-k updates (half a general product), and only
     the upper triangle is kept; the values equal those of :func:`rdm`.
     """
     if metric in ("correlation", "cosine"):
-        unit_rows = _unit_rows(X, metric)
+        unit_rows = _unit_rows(X, metric, name)
         similarity = _upper_triangle_numpy(unit_rows @ unit_rows.T)
         return np.subtract(1.0, similarity, out=similarity)
     shifted = X - X[:1]
@@ -145,7 +154,13 @@ def _average_ranks_numpy(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
+_CONSTANT_RDM = "correlation is undefined: one RDM has all off-diagonal dissimilarities equal"
+
+
 def _pearson_numpy(u: np.ndarray, v: np.ndarray) -> float:
+    # Equal values centred on their float mean leave rounding noise, not zeros: test them as they are.
+    if np.ptp(u) == 0 or np.ptp(v) == 0:
+        raise ValueError(_CONSTANT_RDM)
     u = u - u.mean()
     v = v - v.mean()
     norm_u, norm_v = float(np.linalg.norm(u)), float(np.linalg.norm(v))
@@ -199,6 +214,8 @@ def _cosine(u: Tensor, v: Tensor) -> float:
 
 
 def _pearson(u: Tensor, v: Tensor) -> float:
+    if bool(u.max() == u.min()) or bool(v.max() == v.min()):
+        raise ValueError(_CONSTANT_RDM)
     u = u - u.mean()
     v = v - v.mean()
     if float(torch.linalg.vector_norm(u)) == 0.0 or float(torch.linalg.vector_norm(v)) == 0.0:
@@ -234,6 +251,15 @@ def compare_rdms(rdm_x: ArrayLike, rdm_y: ArrayLike, method: RDMComparison = "sp
     for matrix, name in ((rdm_x, "rdm_x"), (rdm_y, "rdm_y")):
         if matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"compare_rdms: {name} must be square (N, N); got {tuple(matrix.shape)}")
+        # Only the upper triangle is read: a matrix that is not a dissimilarity matrix would be
+        # compared without a word.
+        scale = float(matrix.abs().max())
+        if float(matrix.diagonal().abs().max()) > 1e-6 * scale or float((matrix - matrix.T).abs().max()) > 1e-6 * scale:
+            raise ValueError(
+                f"compare_rdms: {name} is not a dissimilarity matrix (it must be symmetric with a zero diagonal, "
+                "within 1e-6 of its largest value); "
+                "build it with rdm(X, metric)"
+            )
     x_np, y_np = _numpy_view(rdm_x), _numpy_view(rdm_y)
     if x_np is not None and y_np is not None:
         return _compare_condensed_numpy(_upper_triangle_numpy(x_np), _upper_triangle_numpy(y_np), method)
@@ -273,11 +299,11 @@ def rsa(
     X_np, Y_np = _numpy_view(X), _numpy_view(Y)
     if X_np is not None and Y_np is not None:
         # CPU: only the upper triangles are kept (no N x N RDM is returned).
-        u, v = _condensed_rdm_numpy(X_np, metric), _condensed_rdm_numpy(Y_np, metric)
+        u, v = _condensed_rdm_numpy(X_np, metric, "X"), _condensed_rdm_numpy(Y_np, metric, "Y")
         if comparison == "spearman" and u.size >= 100_000 and torch.get_num_threads() >= 2:
             # The two rankings are independent and numpy's sort releases the GIL.
             with ThreadPoolExecutor(max_workers=2) as pool:
                 ranks_u, ranks_v = pool.map(_average_ranks_numpy, (u, v))
             return _pearson_numpy(ranks_u, ranks_v)
         return _compare_condensed_numpy(u, v, comparison)
-    return compare_rdms(rdm(X, metric), rdm(Y, metric), comparison)
+    return compare_rdms(_rdm(X, metric, "X"), _rdm(Y, metric, "Y"), comparison)
