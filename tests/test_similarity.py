@@ -826,3 +826,19 @@ def test_align_operators_skips_the_search_for_exact_conjugates(monkeypatch):
     near = sim.align_operators(A, Q @ (A + 1e-6 * rng.standard_normal((20, 20))) @ Q.T, iters=50)
     assert calls == [1, 1]
     assert near.euclidean < 1e-5 * np.linalg.norm(A)
+
+
+def test_float32_euclidean_rdms_keep_the_distances_of_close_points():
+    """||a||^2 + ||b||^2 - 2<a, b> in float32 gave 0 for most pairs 0.01 apart in clusters 100 apart."""
+    rng = np.random.default_rng(35)
+    centres = rng.standard_normal((10, 8)) * 100
+    X = np.repeat(centres, 3, axis=0) + rng.standard_normal((30, 8)) * 0.01
+    X32 = X.astype(np.float32)
+    exact = scipy.spatial.distance.squareform(scipy.spatial.distance.pdist(X32.astype(np.float64)))
+    within = np.kron(np.eye(10), np.ones((3, 3))).astype(bool) & ~np.eye(30, dtype=bool)
+    for got in (sim.rdm(X32, "euclidean").numpy(), sim.rdm(torch.as_tensor(X32).requires_grad_(), "euclidean").detach().numpy()):
+        assert got.dtype == np.float32
+        assert np.abs(got[within] / exact[within] - 1).max() < 1e-4
+    Y = X @ rng.standard_normal((8, 8))
+    ours = sim.rsa(X32, Y.astype(np.float32), metric="euclidean", comparison="spearman")
+    assert ours == pytest.approx(sim.rsa(X, Y, metric="euclidean", comparison="spearman"), abs=1e-6)

@@ -162,13 +162,16 @@ def _squared_distances(X: Tensor) -> Tensor:
     # Translating by one sample leaves the distances unchanged, reduces cancellation
     # for data far from the origin and keeps small integer-valued data exact (so
     # tied distances stay tied for the rank comparisons).
-    shifted = X - X[:1]
+    # ||a||^2 + ||b||^2 - 2<a, b> cancels for points close together far from X[0]: in float32 it
+    # loses every digit of their distance, so lower precisions are computed in float64.
+    wide = X.to(torch.promote_types(X.dtype, torch.float64))
+    shifted = wide - wide[:1]
     gram = shifted @ shifted.T
     row_norms = gram.diagonal()
     squared = row_norms[:, None] + row_norms[None, :] - 2.0 * gram
     squared.clamp_(min=0.0)
     squared.fill_diagonal_(0.0)
-    return squared
+    return squared.to(X.dtype)
 
 
 def _upper_triangle(matrix: Tensor) -> Tensor:

@@ -94,7 +94,8 @@ def _condensed_rdm_numpy(X: np.ndarray, metric: str, name: str = "X") -> np.ndar
         unit_rows = _unit_rows(X, metric, name)
         similarity = _upper_triangle_numpy(unit_rows @ unit_rows.T)
         return np.subtract(1.0, similarity, out=similarity)
-    shifted = X - X[:1]
+    wide = X.astype(np.float64, copy=False)  # float32 would cancel: see _squared_distances
+    shifted = wide - wide[:1]
     gram = shifted @ shifted.T
     row_norms = gram.diagonal().copy()
     squared = row_norms[:, None] + row_norms[None, :]
