@@ -119,7 +119,11 @@ def havok_operator(
     Args:
         trajectories: (trials, T, d), (T, d), or a list of (T_i, d) arrays.
         n_delays, delay_interval: see :func:`delay_embed`.
-        rank: number of SVD components kept (None = all, min(M, n_delays * d)).
+        rank: number of SVD components kept; None keeps all above rounding (the
+            numerical rank of H, as numpy's ``matrix_rank`` counts it; with ``ridge=0``
+            at most the number of transitions). A rank above the numerical rank, or
+            above the transitions without a ridge, is an error: those components
+            would make the operator arbitrary.
         ridge: ridge penalty >= 0 on the scale of the unit-norm coordinates.
 
     Returns:
@@ -138,14 +142,33 @@ def _havok_from_trials(
     embedded = [_delay_embed_tensor(t, n_delays, delay_interval) for t in trials]
     hankel = torch.cat(embedded, dim=0)
     max_rank = min(hankel.shape)
-    if rank is None:
-        rank = max_rank
-    if not 1 <= rank <= max_rank:
+    if rank is not None and not 1 <= rank <= max_rank:
         raise ValueError(
             f"havok_operator: rank must be in [1, {max_rank}] for a Hankel matrix of shape "
             f"{tuple(hankel.shape)}; got {rank}"
         )
-    time_coordinates = torch.linalg.svd(hankel, full_matrices=False).U[:, :rank]
+    left, singular_values, _ = torch.linalg.svd(hankel, full_matrices=False)
+    # Components below rounding (numpy's matrix_rank tolerance) are noise: fitted, they make the
+    # operator arbitrary (a rotated copy of a system then scores far from 0).
+    tolerance = max(hankel.shape) * torch.finfo(hankel.dtype).eps * float(singular_values[0])
+    numerical_rank = int((singular_values > tolerance).sum())
+    transitions = hankel.shape[0] - len(embedded)
+    if rank is None:
+        rank = numerical_rank if ridge > 0 else min(numerical_rank, transitions)
+        if rank < 1:
+            raise ValueError("havok_operator: the trajectories are all zero; there is nothing to fit")
+    elif rank > numerical_rank:
+        raise ValueError(
+            f"havok_operator: the Hankel matrix {tuple(hankel.shape)} has numerical rank {numerical_rank}, below "
+            f"rank={rank}: the components past it are rounding noise and would make the operator arbitrary; pass "
+            f"rank <= {numerical_rank} (or rank=None)"
+        )
+    if ridge == 0 and rank > transitions:
+        raise ValueError(
+            f"havok_operator: {transitions} time steps to fit but rank={rank}: the least-squares fit is "
+            f"underdetermined; pass rank <= {transitions}, ridge > 0, or longer trajectories"
+        )
+    time_coordinates = left[:, :rank]
     per_trial = torch.split(time_coordinates, [e.shape[0] for e in embedded], dim=0)
     before = torch.cat([z[:-1] for z in per_trial], dim=0)
     after = torch.cat([z[1:] for z in per_trial], dim=0)
@@ -623,7 +646,7 @@ class DSA:
     ``(trials, T, d)``, ``(T, d)`` or a list of ``(T_i, d)`` arrays; trial counts,
     lengths and widths may differ between X and Y. The Procrustes scores need
     operators of equal size, so ``rank`` must be set (or both embeddings must have
-    the same width) for them.
+    the same numerical rank) for them.
 
     Usage: ``DSA(n_delays=10, rank=20).score(X, Y)``; after ``fit(X, Y)`` the
     operators, the alignment and the distance are in ``operator_x_``,
@@ -631,7 +654,8 @@ class DSA:
 
     Args:
         n_delays, delay_interval: delay embedding (:func:`delay_embed`).
-        rank: HAVOK rank (:func:`havok_operator`); None keeps all components.
+        rank: HAVOK rank (:func:`havok_operator`); None keeps every component above
+            rounding (each system's numerical rank).
         ridge: ridge penalty of the operator fit.
         score_method: "angular", "euclidean" or "wasserstein".
         iters, lr, n_restarts, seed: optimiser settings (:func:`align_operators`).
