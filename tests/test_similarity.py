@@ -609,6 +609,12 @@ def test_clear_errors():
         sim.havok_operator(rng.standard_normal((20, 2)), n_delays=2, rank=5)
     with pytest.raises(ValueError, match="operators have different sizes"):
         sim.DSA(n_delays=2).fit(rng.standard_normal((20, 2)), rng.standard_normal((20, 3)))
+    with pytest.raises(ValueError, match="sigma_fraction must be a finite number > 0; got inf"):
+        sim.rbf_cka(X, X, sigma_fraction=math.inf)
+    with pytest.raises(ValueError, match="ridge must be a finite number >= 0; got nan"):
+        sim.havok_operator(rng.standard_normal((20, 2)), n_delays=2, ridge=math.nan)
+    with pytest.raises(ValueError, match="n_delays must be a whole number >= 1; got 2.5"):
+        sim.havok_operator(rng.standard_normal((20, 2)), n_delays=2.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown score_method"):
         sim.DSA(score_method="cosine")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="same size"):

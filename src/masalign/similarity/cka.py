@@ -226,8 +226,8 @@ def rbf_cka(
         Invariant to orthogonal transforms, shifts and isotropic scaling (the
         bandwidth follows the median distance). Builds N x N matrices.
     """
-    if not sigma_fraction > 0:
-        raise ValueError(f"rbf_cka: sigma_fraction must be > 0; got {sigma_fraction}")
+    if not 0 < sigma_fraction < math.inf:
+        raise ValueError(f"rbf_cka: sigma_fraction must be a finite number > 0; got {sigma_fraction}")
     n_needed = 4 if debiased else 2
     X, Y = _as_sample_matrices([X, Y], ["X", "Y"], measure="rbf_cka", min_samples=n_needed)
     _check_not_constant([X, Y], ["X", "Y"], "debiased rbf_cka" if debiased else "rbf_cka")

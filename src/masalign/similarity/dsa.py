@@ -79,6 +79,9 @@ def delay_embed(trajectory: ArrayLike, n_delays: int, delay_interval: int = 1) -
 
 
 def _delay_embed_tensor(trial: Tensor, n_delays: int, delay_interval: int) -> Tensor:
+    for name, value in (("n_delays", n_delays), ("delay_interval", delay_interval)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be a whole number >= 1; got {value!r}")
     if n_delays < 1 or delay_interval < 1:
         raise ValueError(
             f"n_delays and delay_interval must be >= 1; got {n_delays} and {delay_interval}"
@@ -137,8 +140,8 @@ def havok_operator(
 def _havok_from_trials(
     trials: list[Tensor], n_delays: int, delay_interval: int, rank: int | None, ridge: float
 ) -> Tensor:
-    if ridge < 0:
-        raise ValueError(f"havok_operator: ridge must be >= 0; got {ridge}")
+    if not 0 <= ridge < math.inf:
+        raise ValueError(f"havok_operator: ridge must be a finite number >= 0; got {ridge}")
     embedded = [_delay_embed_tensor(t, n_delays, delay_interval) for t in trials]
     hankel = torch.cat(embedded, dim=0)
     max_rank = min(hankel.shape)
