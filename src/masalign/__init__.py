@@ -71,4 +71,4 @@ __all__ = [
     "make_alignment",
     "task_accuracy",
 ]
-__version__ = "0.4.0"
+__version__ = "0.5.0"
