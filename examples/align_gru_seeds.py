@@ -3,12 +3,15 @@
 Run: .venv/bin/python examples/align_gru_seeds.py  (about 5 minutes on 2 CPU cores)
 """
 
+import argparse
+
 import torch
 
 from masalign import ModelAlignment, TorchModuleAdapter, evaluate, fit
 from masalign.models import train_lm
 from masalign.tasks import get_task
 
+argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help describes the run, not starts it
 torch.set_num_threads(2)
 task = get_task("multi_object")
 

@@ -93,3 +93,16 @@ def test_merge_refuses_a_folder_without_a_run(example, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no iia_vs_k.json"):
         example.merge([tmp_path / "empty"], tmp_path / "merged")
+
+
+def test_every_example_script_answers_help_without_running(tmp_path) -> None:
+    """A user's first `--help` must describe a script, not start minutes of training."""
+    import subprocess
+    import sys
+
+    from example_scripts import EXAMPLES
+
+    for script in sorted(EXAMPLES.glob("*.py")):
+        done = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "usage:" in done.stdout, (script.name, done.stderr[-2000:])
+        assert not any(tmp_path.iterdir()), script.name  # nothing written
