@@ -221,3 +221,19 @@ def test_source_activations_of_the_wrong_width(fitted, pairs) -> None:
     test = pairs["test"].subset(slice(0, 4))
     with pytest.raises(ValueError, match="width 32 but model 'A' has width 48"):
         alignment.intervened_logits("A", "B", torch.zeros(4, 1, 32), test.base_inputs, test.base_positions)
+
+
+def test_the_loss_is_the_mean_over_label_tokens_whatever_the_batches(fitted, pairs) -> None:
+    """Pairs have different numbers of label tokens: a mean per batch weighted by rows changed
+    with batch_size (and fit's validation reads this loss for early stopping)."""
+    from masalign.evaluate import interchange_scores
+
+    alignment, _, _ = fitted
+    test = pairs["test"].subset(slice(0, 40))
+    counts = (test.labels != -100).sum(1)
+    assert len(set(counts.tolist())) > 1
+    whole = interchange_scores(alignment, test, batch_size=40)
+    for batch_size in (1, 7):
+        split = interchange_scores(alignment, test, batch_size=batch_size)
+        for direction, scores in whole.items():
+            assert split[direction].loss == pytest.approx(scores.loss, rel=1e-5), (batch_size, direction)

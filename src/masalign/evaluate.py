@@ -123,11 +123,12 @@ def interchange_scores(
             labels = labels.to(logits.device)
             t, k, m = correct_counts(logits, labels)
             trials, tokens, label_tokens = trials + t, tokens + k, label_tokens + m
-            loss = distributed.loss_share(logits, labels, view.labels[index]) if shard else intervention_loss(logits, labels)
-            loss_sum += float(loss) * len(index)
+            # Summed over label tokens and divided once at the end: the mean per label token of the
+            # whole data, whatever the batches (a mean per batch weighted by rows is not).
+            loss_sum += float(intervention_loss(logits, labels, reduction="sum"))
         if shard:
             trials, tokens, label_tokens, loss_sum = distributed.all_reduce_sum([trials, tokens, label_tokens, loss_sum])
-        scores[(source, target)] = DirectionScores(trials / n, tokens / max(label_tokens, 1), loss_sum / n)
+        scores[(source, target)] = DirectionScores(trials / n, tokens / max(label_tokens, 1), loss_sum / max(label_tokens, 1))
     return scores
 
 

@@ -84,7 +84,10 @@ def correct_counts(logits: Tensor, labels: Tensor) -> tuple[int, int, int]:
     return trials, int((hits & mask).sum()), int(mask.sum())
 
 
-def intervention_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of ``(batch, seq, vocab)`` logits against counterfactual labels."""
+def intervention_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of ``(batch, seq, vocab)`` logits against counterfactual labels: the mean
+    over label tokens, or with ``reduction="sum"`` their sum."""
     _check_label_shape(logits, labels)
-    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+    return nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
+    )
