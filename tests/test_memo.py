@@ -109,3 +109,19 @@ def test_a_memo_key_is_the_objects_not_their_values(adapter: NNsightAdapter) -> 
     # Equal values in other tensors are other data as far as the memo knows.
     assert memo.get("source", adapter, "s", {"input_ids": inputs["input_ids"].clone()}, positions, lambda: 3) == 3
     assert memo.get("prefix", adapter, "s", inputs, positions, lambda: 4) == 4
+
+
+def test_a_tensor_replaced_in_a_mapping_of_inputs_is_not_taken_for_the_old_one() -> None:
+    """The memo held the mapping but not its tensors: a mask replaced in it was freed, a new mask
+    could get its id, and the old mask's activations came back."""
+    memo = ActivationMemo()
+    inputs = {"input_ids": torch.zeros(2, 3, dtype=torch.long)}
+    positions = torch.zeros(2, 1, dtype=torch.long)
+    seen_ids, values = set(), []
+    for step in range(50):
+        inputs.pop("attention_mask", None)  # the previous mask is freed here unless the memo holds it
+        inputs["attention_mask"] = torch.full((2, 3), step)
+        seen_ids.add(id(inputs["attention_mask"]))
+        values.append(memo.get("source", None, "site", inputs, positions, lambda step=step: step))
+    assert values == list(range(50)) and memo.hits == 0
+    assert len(seen_ids) == 50  # every mask stayed alive, so none took an earlier one's id

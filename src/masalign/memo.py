@@ -11,8 +11,9 @@ once. On the pretrained-LM demo, reading 1,000 prompts up to a late layer takes
 longer than the 40 steps that follow it.
 
 A memo is keyed by the objects themselves (the adapter, the site name, the
-input and position tensors) and holds them, so a key cannot be reused by
-another object. It is valid while the models' weights do not change: call
+input and position tensors, each tensor of a mapping of inputs) and holds them,
+so a key cannot be reused by another object. Editing a tensor in place keeps
+its key: do not edit data a memo has read. It is valid while the models' weights do not change: call
 :meth:`ActivationMemo.clear` after changing them (fit never does; it freezes the
 models while it runs).
 """
@@ -50,8 +51,10 @@ class ActivationMemo:
             return entry[1]
         self.misses += 1
         value = compute()
-        # The keyed objects are held with the value, so their ids stay theirs.
-        self._entries[key] = ((adapter, inputs, positions), value)
+        # The keyed objects are held with the value, so their ids stay theirs: a mapping's
+        # tensors too, which its owner may replace in it while the memo holds the mapping.
+        held_inputs = tuple(inputs.values()) if isinstance(inputs, Mapping) else inputs
+        self._entries[key] = ((adapter, held_inputs, positions), value)
         return value
 
     def clear(self) -> None:
