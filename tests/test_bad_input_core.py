@@ -262,6 +262,17 @@ def test_ceiling_data_missing_a_model(models, pairs, small_task) -> None:
         evaluate(alignment_of(models), pairs, ceiling_data={"A": small_task.sample(8)}, floor=False)
 
 
+def test_ceiling_data_that_is_not_task_sequences_is_refused_before_any_scoring(models, pairs, small_task, monkeypatch) -> None:
+    import sys
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before the ceiling data was checked")
+
+    monkeypatch.setattr(sys.modules["masalign.evaluate"], "interchange_scores", no_scoring)
+    with pytest.raises(TypeError, match=r"ceiling_data\['B'\] is CounterfactualPairs, not LabelledSequences"):
+        evaluate(alignment_of(models), pairs, ceiling_data={"A": small_task.sample(8), "B": pairs})
+
+
 def test_ceiling_labels_outside_the_vocabulary(models, pairs, small_task) -> None:
     data = small_task.sample(8)
     labels = data.labels.clone()

@@ -182,6 +182,9 @@ def test_bad_inputs_are_explained(bridge) -> None:
         ablation(adapter, clean, "blocks.0.hook_resid_pre", metric, kind="median")
     with pytest.raises(TypeError, match="token ids"):
         LogitDifference(3.0, 2)
+    for position in (4.7, torch.tensor([4.9, 4.2, 3.5, 2.5]), True):  # read as 4, [4, 4, 3, 2] and 1 before
+        with pytest.raises(TypeError, match="position must be whole numbers"):
+            LogitDifference(3, 2, position=position)
     right_padded = mask.clone()
     right_padded[1, 4:] = 0
     for run in (

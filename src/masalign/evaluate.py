@@ -156,6 +156,28 @@ def task_accuracy(adapter: ModelAdapter, data: LabelledSequences, batch_size: in
     return trials / n, tokens / max(label_tokens, 1)
 
 
+def _check_ceiling_data(ceiling_data: Any, models: Sequence[str]) -> None:
+    if isinstance(ceiling_data, LabelledSequences):
+        return
+    if not isinstance(ceiling_data, Mapping):
+        raise TypeError(
+            f"ceiling_data must be LabelledSequences or {{model_name: LabelledSequences}}, got {type(ceiling_data).__name__}"
+        )
+    missing = [m for m in models if m not in ceiling_data]
+    if missing:
+        raise ValueError(
+            f"ceiling_data has task data for {sorted(ceiling_data)} but not for model(s) {missing}; give one "
+            "entry per model, or one LabelledSequences shared by all"
+        )
+    for name in models:
+        if not isinstance(ceiling_data[name], LabelledSequences):
+            raise TypeError(
+                f"ceiling_data[{name!r}] is {type(ceiling_data[name]).__name__}, not LabelledSequences: the ceiling is "
+                "the model's accuracy on plain task sequences (task.sample(...), or evaluation_views(...) of an LM task), "
+                "not on counterfactual pairs"
+            )
+
+
 def untrained_copy(alignment: ModelAlignment) -> ModelAlignment:
     """The alignment as initialised (same seed and settings, same standardisation), untrained."""
     fresh = ModelAlignment(
@@ -310,6 +332,8 @@ def evaluate(
     """
     directions = check_directions(alignment, directions)
     check_views(test)
+    if ceiling_data is not None:  # before minutes of IIA and floor, not after
+        _check_ceiling_data(ceiling_data, alignment.model_names)
     # A prefix costs about one run of its rows to read: it pays when read for the alignment and
     # its floor, or kept in a caller's memo for later fits; a single use of it would not.
     prefix_cache = prefix_cache and (floor or memo is not None)
@@ -339,17 +363,6 @@ def evaluate(
         report.floor_token = _matrix(floor_scores, models, "token_accuracy")
     if ceiling_data is not None:
         report.ceiling, report.ceiling_token = {}, {}
-        if not isinstance(ceiling_data, LabelledSequences):
-            if not isinstance(ceiling_data, Mapping):
-                raise TypeError(
-                    f"ceiling_data must be LabelledSequences or {{model_name: LabelledSequences}}, got {type(ceiling_data).__name__}"
-                )
-            missing = [m for m in models if m not in ceiling_data]
-            if missing:
-                raise ValueError(
-                    f"ceiling_data has task data for {sorted(ceiling_data)} but not for model(s) {missing}; give one "
-                    "entry per model, or one LabelledSequences shared by all"
-                )
         for name in models:
             data = ceiling_data if isinstance(ceiling_data, LabelledSequences) else ceiling_data[name]
             report.ceiling[name], report.ceiling_token[name] = task_accuracy(alignment.models[name], data, batch_size)

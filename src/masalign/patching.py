@@ -74,6 +74,9 @@ class _AnswerMetric(abc.ABC):
 
     def __init__(self, answer: int | Sequence[int] | Tensor, position: int | Tensor = -1) -> None:
         self.answer = _answer_tensor(answer, "answer")
+        as_tensor = torch.as_tensor(position)
+        if as_tensor.dtype.is_floating_point or as_tensor.dtype == torch.bool:  # 4.7 would read position 4
+            raise TypeError(f"the metric's position must be whole numbers (an int or a (batch,) integer tensor), got {position!r}")
         self.position = position
 
     def token_ids(self) -> dict[str, Tensor]:
