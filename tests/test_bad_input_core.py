@@ -273,6 +273,20 @@ def test_ceiling_data_that_is_not_task_sequences_is_refused_before_any_scoring(m
         evaluate(alignment_of(models), pairs, ceiling_data={"A": small_task.sample(8), "B": pairs})
 
 
+def test_pairs_of_another_variable_are_refused_before_any_model_runs(models, pairs, monkeypatch) -> None:
+    import dataclasses
+    import sys
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read activations before the variable was checked")
+
+    monkeypatch.setattr(sys.modules["masalign.evaluate"], "interchange_scores", no_reading)
+    monkeypatch.setattr(ModelAlignment, "source_activations", no_reading)
+    other = dataclasses.replace(pairs, variable="phase")
+    with pytest.raises(KeyError, match=r"no variable 'phase'; this alignment has \['count'\]: build it with variable='phase'"):
+        evaluate(alignment_of(models), other)
+
+
 def test_ceiling_labels_outside_the_vocabulary(models, pairs, small_task) -> None:
     data = small_task.sample(8)
     labels = data.labels.clone()

@@ -332,6 +332,7 @@ def evaluate(
     """
     directions = check_directions(alignment, directions)
     check_views(test)
+    alignment.block(variable_of(test))  # a variable the alignment lacks: said before any model runs
     if ceiling_data is not None:  # before minutes of IIA and floor, not after
         _check_ceiling_data(ceiling_data, alignment.model_names)
     # A prefix costs about one run of its rows to read: it pays when read for the alignment and

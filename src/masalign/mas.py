@@ -313,7 +313,10 @@ class ModelAlignment(nn.Module):
                 raise ValueError(f"this alignment has several variables {list(self.blocks)}; name one")
             return next(iter(self.blocks.values()))
         if variable not in self.blocks:
-            raise KeyError(f"no variable {variable!r}; this alignment has {list(self.blocks)}")
+            raise KeyError(
+                f"no variable {variable!r}; this alignment has {list(self.blocks)}: build it with "
+                f"variable={variable!r} (or subspace_dim={{{variable!r}: k}}), or give data for {list(self.blocks)}"
+            )
         return self.blocks[variable]
 
     # -- saving ------------------------------------------------------------------------------
