@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from masalign import TorchModuleAdapter
-from masalign.compare import paired_activations, side_by_side
+from masalign.compare import Comparison, paired_activations, side_by_side
 from masalign.evaluate import IIAReport
 from masalign.similarity import DSA, linear_cka
 
@@ -35,6 +35,8 @@ def test_side_by_side_reads_paired_activations_and_adds_iia(trained_grus, small_
     row = comparison.row()
     assert row["mas_cross_iia_mean"] == pytest.approx(0.75)
     assert row["iia A->B"] == 0.8 and comparison.n_samples == 240
+    without_mas = Comparison(("A", "B"), ("rnn.h_l0", "rnn.h_l0"), 240, comparison.measures).row()
+    assert "mas_cross_iia_mean" not in without_mas  # no NaN standing in for a missing report
 
 
 def test_dsa_needs_trajectories(trained_grus, small_task) -> None:

@@ -49,14 +49,12 @@ class Comparison:
     mas_floor: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
-        """A flat dict, one table row."""
+        """A flat dict, one table row; ``mas_cross_iia_mean`` only where the report had a cross direction."""
         cross = [v for k, v in self.mas_iia.items() if k in (f"{self.models[0]}->{self.models[1]}", f"{self.models[1]}->{self.models[0]}")]
-        return {
-            "pair": f"{self.models[0]} vs {self.models[1]}",
-            **self.measures,
-            **{f"iia {k}": v for k, v in self.mas_iia.items()},
-            "mas_cross_iia_mean": sum(cross) / len(cross) if cross else float("nan"),
-        }
+        row = {"pair": f"{self.models[0]} vs {self.models[1]}", **self.measures, **{f"iia {k}": v for k, v in self.mas_iia.items()}}
+        if cross:
+            row["mas_cross_iia_mean"] = sum(cross) / len(cross)
+        return row
 
 
 def side_by_side(
