@@ -204,7 +204,7 @@ def flag(name: str) -> str:
 
 
 def check_pair_flags(args: argparse.Namespace) -> str | None:
-    """A flag given for the other kind of pair, or ``None``; then fills in the pair's own flags' defaults."""
+    """What is wrong with a flag given for the other kind of pair, or ``None``."""
     pretrained = args.pair == PRETRAINED_PAIR
     foreign = NUMERIC_ONLY if pretrained else PRETRAINED_ONLY
     given = [flag(name) for name in foreign if getattr(args, name) is not None]
@@ -213,14 +213,14 @@ def check_pair_flags(args: argparse.Namespace) -> str | None:
         return f"{', '.join(given)} applies to {applies} only, not to --pair {args.pair}"
     if args.transformer_site is not None and args.pair != "gru-transformer":
         return f"--transformer-site applies to --pair gru-transformer only, not to --pair {args.pair}"
-    for name, value in (PRETRAINED_ONLY if pretrained else NUMERIC_ONLY).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
     return None
 
 
 def apply_pair_defaults(args: argparse.Namespace) -> None:
-    defaults = PRETRAINED_DEFAULTS if args.pair == PRETRAINED_PAIR else NUMERIC_DEFAULTS
+    if args.pair == PRETRAINED_PAIR:
+        defaults = {**PRETRAINED_DEFAULTS, **PRETRAINED_ONLY}
+    else:
+        defaults = {**NUMERIC_DEFAULTS, **NUMERIC_ONLY}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

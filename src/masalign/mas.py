@@ -387,7 +387,12 @@ class ModelAlignment(nn.Module):
             keep_complement=meta["keep_complement"],
             seed=meta["seed"],
         )
-        for name, a in alignment.alignments.items():  # settings that are not tensors, as the save recorded them
+        tensor_path = Path(folder) / TENSOR_FILE
+        for key, value in tensors.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(f"{tensor_path} holds non-finite values in {key!r}; the save is corrupted")
+        for name, a in alignment.alignments.items():
+            # Settings that are not tensors, as the save recorded them.
             saved_config = meta.get("alignment_configs", {}).get(name, {})
             rebuilt = json.loads(json.dumps(a.config()))
             differ = {key: (value, rebuilt.get(key)) for key, value in saved_config.items() if not _agrees(value, rebuilt.get(key))}
@@ -398,11 +403,6 @@ class ModelAlignment(nn.Module):
                     f"{METADATA_FILE} gives {', '.join(f'{key}={now!r}' for key, (_, now) in differ.items())}: "
                     "this masalign cannot rebuild it exactly"
                 )
-        tensor_path = Path(folder) / TENSOR_FILE
-        for key, value in tensors.items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise ValueError(f"{tensor_path} holds non-finite values in {key!r}; the save is corrupted")
-        for name, a in alignment.alignments.items():
             prefix = f"{name}."
             state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             # load_state_dict copies into the new map's float32 tensors: a float64 map would lose its last bits.

@@ -111,6 +111,7 @@ def build_model(config: ModelConfig, seed: int = 0) -> nn.Module:
     return RecurrentLM(config)
 
 
+@torch.random.fork_rng()  # training seeds torch; the caller's random state is left alone
 def train_lm(
     task: NumericTask | ArithmeticTask,
     config: ModelConfig = RecurrentConfig(),
@@ -144,26 +145,6 @@ def train_lm(
     ``log`` receives a progress line at every check. The caller's torch random state is
     left as it was.
     """
-    with torch.random.fork_rng():  # training seeds torch; the caller's random state is left alone
-        return _train_lm(task, config, seed, steps, batch_size, lr, target_accuracy, check_every, model, check_split,
-                         checkpoint, checkpoint_every, log)
-
-
-def _train_lm(
-    task: NumericTask | ArithmeticTask,
-    config: ModelConfig,
-    seed: int,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    target_accuracy: float,
-    check_every: int,
-    model: nn.Module | None,
-    check_split: str,
-    checkpoint: str | Path | None,
-    checkpoint_every: int,
-    log: Callable[[str], Any] | None,
-) -> tuple[nn.Module, TrainingSummary]:
     torch.manual_seed(seed)
     # What a checkpoint must have been written with to be resumed by this call: the config a
     # model is built from, or the class of the model given.
